@@ -1,0 +1,405 @@
+"""
+Sample videos from Wan2.1 with our own denoising loop: camera words -> warped noise -> ODE/SDE steps -> VAE -> mp4.
+
+    python sample.py --prompt "Camera orbit left. A stone lighthouse on a cliff." --out out.mp4   # tiny model, CPU
+    python sample.py --size=small --prompt "..." --out out.mp4     # Wan2.1-T2V-1.3B from the hub (GPU)
+    python sample.py --model=/data/Wan2.1-T2V-14B-Diffusers --size=large --prompts=prompts/test.txt --out=videos/
+
+The loop in `denoise` is the one loop of the project: inference (UniPC, the checkpoint's scheduler), GRPO
+rollouts (Euler ODE with an SDE window, log-probs recorded, the group branching at the window) and evaluation all
+run through it, so what we train is what we sample. We borrow diffusers' Wan model classes, not its pipeline.
+"""
+import common  # noqa: F401  (first: the CPU torchvision fix must run before diffusers imports torchvision)
+
+import argparse
+import copy
+import html
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import imageio
+import torch
+from tqdm import tqdm
+
+import grpo
+import noise_warp
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py exports and diffusers' load_lora_weights reads
+HUB = {"small": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "large": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+
+# Size presets (DESIGN.md "Sizes"). Any flag given on the command line wins over its preset.
+SIZES = {
+    "tiny": dict(model=None, frames=9, height=64, width=64, steps=20, text_len=128),
+    "small": dict(model=HUB["small"], frames=81, height=480, width=832, steps=50, text_len=512),
+    "large": dict(model=HUB["large"], frames=81, height=480, width=832, steps=50, text_len=512),
+}
+# λ of the release's stepwise camera guidance, per model size (release-facts §3.4).
+STEPWISE_STRENGTH = {"tiny": 0.35, "small": 0.35, "large": 0.4}
+
+
+# -----------------------------------------------------------------------------
+# Models: the four Wan2.1 parts, from the hub, a local diffusers folder, or built tiny in code
+
+@dataclass
+class Wan:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object  # the checkpoint's UniPCMultistepScheduler (flow_shift 3.0 for Wan2.1 T2V at 480p)
+
+
+# Enough whole words that tiny prompts tokenize mostly to words; the rest falls back to characters.
+TINY_WORDS = (
+    "a an the of in on at to from with and then camera push pull in out move left right orbit pan fixed "
+    "city street forest room house car sky water tree river mountain lake sea beach sand rock stone wood glass "
+    "metal light shadow sun moon night morning evening fog rain snow cloud bridge tower building window door "
+    "table chair cup book flower grass field road path wall roof garden temple castle boat ship cliff hill "
+    "valley desert ice fire smoke people crowd dog cat bird horse red blue green yellow white black golden old "
+    "small large tall wide narrow behind front above below between near far foreground background distant "
+    "soft bright dark warm cold wet dry style painting"
+).split()
+
+
+def build_tiny(seed=0):
+    """A Wan2.1-architecture model with random weights, built in code (no download): ~40k-param transformer,
+    ~70k-param VAE, ~23k-param UMT5 and an in-memory T5 tokenizer. Same seed, same weights."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -2.0) for w in TINY_WORDS]
+    vocab += [("\u2581", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)  # transformers 5: tokenizers-backed, no sentencepiece
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    # The scheduler Wan2.1-T2V ships (its scheduler_config.json): UniPC on flow sigmas with shift 3.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        solver_order=2, solver_type="bh2", predict_x0=True,
+                                        lower_order_final=True, final_sigmas_type="zero")
+    return Wan(tokenizer, text_encoder, transformer, vae, scheduler)
+
+
+def save_pretrained(wan, folder):
+    """Write a diffusers folder (model_index.json + one subfolder per part) that `load_wan(folder)` and
+    diffusers' WanPipeline.from_pretrained both read: how tests exercise the real loading path."""
+    from diffusers import WanPipeline
+
+    WanPipeline(tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae, transformer=wan.transformer,
+                scheduler=wan.scheduler).save_pretrained(folder)
+
+
+def load_wan(model, device, dtype=None):
+    """model: None (tiny, built in code), a hub id (Wan-AI/...), or a local diffusers folder.
+    The transformer and text encoder run in `dtype` (default bf16 on CUDA, fp32 on CPU); the VAE stays fp32."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if model is not None:
+        kw = dict(torch_dtype=dtype)
+        wan = Wan(AutoTokenizer.from_pretrained(model, subfolder="tokenizer"),
+                  UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kw).eval(),
+                  WanTransformer3DModel.from_pretrained(model, subfolder="transformer", **kw).eval(),
+                  AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval(),
+                  UniPCMultistepScheduler.from_pretrained(model, subfolder="scheduler"))
+    else:  # built in fp32: cast, keeping the modules Wan needs in fp32 (time embedding, norms, RoPE)
+        wan = build_tiny()
+        wan.text_encoder.to(dtype)
+        keep = wan.transformer._keep_in_fp32_modules
+        for name, p in wan.transformer.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
+    for m in (wan.text_encoder, wan.transformer, wan.vae):
+        m.to(device).requires_grad_(False)
+    return wan
+
+
+# -----------------------------------------------------------------------------
+# Prompts -> UMT5 embeddings
+
+def clean_prompt(text):
+    """What Wan's pipeline does to a prompt before tokenizing: unescape HTML twice, collapse whitespace."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+@torch.no_grad()
+def encode(wan, prompts, text_len):
+    """prompts: list[str] -> (B, text_len, D) UMT5 states, zeroed after each prompt's true length (as Wan)."""
+    tok = wan.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=text_len,
+                        truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    device = next(wan.text_encoder.parameters()).device
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    states = wan.text_encoder(ids, mask).last_hidden_state  # (B, L, D)
+    return states * mask[..., None].to(states.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Noise: plain Gaussian, or transported along the camera path the prompt names
+
+def latent_shape(frames, height, width):
+    """Video (F, H, W) -> Wan2.1 latent (16, (F - 1)/4 + 1, H/8, W/8)."""
+    return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None, warp_scale=16, degradation=0.35,
+                 device=None):
+    """Initial latent (1, 16, T, h, w) and the per-step injection for the prompt's camera words.
+
+    warp_mode "init" (the paper): x0 = blend(base, warped, λ), λ = warp_strength (default 1: the warped noise,
+    which already carries `degradation` fresh noise); no injection.
+    warp_mode "stepwise" (the release): x0 = base; after each of the first 8 steps a low-passed, unit-std
+    (warped − base) is added with weights ∝ linspace(1, 0.1, 8), then x is re-standardised (release-facts §3.4).
+    A prompt with no camera words (or warp_mode "none") gives plain noise. Returns (x0, inject or None, motions).
+    """
+    base = torch.randn((1, *shape), generator=generator, device=device)
+    motions = noise_warp.parse_camera(prompt) if warp_mode != "none" else []
+    if not motions:
+        return base, None, motions
+    warped = noise_warp.warped_noise(motions, shape, generator, warp_scale=warp_scale, degradation=degradation,
+                                     device=device)[None]
+    if warp_mode == "init":
+        return noise_warp.blend(base, warped, 1.0 if warp_strength is None else warp_strength), None, motions
+    delta = noise_warp.lowpass_delta(warped, base)
+    weights = noise_warp.stepwise_weights(8).tolist()
+
+    def inject(i, x):
+        return noise_warp.inject_stepwise(x, delta, weights[i], warp_strength) if i < len(weights) else x
+    return base, inject, motions
+
+
+# -----------------------------------------------------------------------------
+# The sampling loop
+
+def flow_sigmas(steps, shift):
+    """Wan's flow-matching noise levels: σ_k = shift·s / (1 + (shift − 1)·s), s = 1 − k/steps, k = 0..steps.
+    (steps + 1,) float32 from 1 to 0; the same grid as the checkpoint's UniPC flow sigmas."""
+    s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+def velocity(transformer, x, sigma, cond, uncond, guidance, timestep=None):
+    """Classifier-free-guided velocity v = v_u + g·(v_c − v_u), both passes in one batch.
+    x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D); timestep defaults to 1000·σ. Returns fp32 (B, ...)."""
+    dtype = cond.dtype
+    t = torch.full((2 * x.shape[0],), 1000 * float(sigma) if timestep is None else float(timestep), device=x.device)
+    out = transformer(hidden_states=torch.cat([x, x]).to(dtype), timestep=t,
+                      encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0].float()
+    v_cond, v_uncond = out.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, window=(), noise_level=0.7,
+            branch_at=None, group_size=1, generator=None, inject=None, progress=False):
+    """Integrate x from σ = sigmas[0] to 0. Step i moves σ_i -> σ_{i+1}:
+      - i in `window`: Flow-GRPO SDE step (grpo.sde_step), transition (x, x_next, log p) recorded;
+      - else, with `scheduler`: its multistep update (UniPC, the inference default; its own sigmas);
+      - else Euler: x + (σ_{i+1} − σ_i)·v  (the rollout ODE).
+    At i == branch_at the batch is repeated group_size times: the group shares the ODE prefix, then branches.
+    inject(i, x) -> x runs after step i (the release's stepwise camera guidance).
+    x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D). Returns (x at σ = 0, list of transitions).
+    """
+    if scheduler is not None:  # UniPC keeps state across steps: work on a fresh copy at its own sigmas
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(len(sigmas) - 1, device=x.device)
+        sigmas = scheduler.sigmas
+    transitions = []
+    for i in tqdm(range(len(sigmas) - 1), desc="denoise", disable=not progress, leave=False):
+        if i == branch_at:
+            x, cond, uncond = (x.repeat_interleave(group_size, 0) for x in (x, cond, uncond))
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if i in window:
+            v = velocity(transformer, x, sigma, cond, uncond, guidance)
+            x_next, logp, _, _ = grpo.sde_step(x, v, sigma, sigma_next, noise_level, float(sigmas[1]),
+                                               generator=generator)
+            transitions.append(dict(step=i, x=x, x_next=x_next, log_prob=logp))
+        elif scheduler is not None:
+            t = scheduler.timesteps[i]
+            v = velocity(transformer, x, sigma, cond, uncond, guidance, timestep=t)
+            x_next = scheduler.step(v, t, x, return_dict=False)[0]
+        else:
+            v = velocity(transformer, x, sigma, cond, uncond, guidance)
+            x_next = x + (sigma_next - sigma) * v
+        x = inject(i, x_next) if inject is not None else x_next
+    return x, transitions
+
+
+def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, window_start, window_size=2,
+            noise_level=0.7, generator=None, inject=None, progress=False):
+    """Flow-GRPO-Fast rollout of one prompt's group: one Euler ODE prefix to `window_start`, then group_size
+    branches through `window_size` SDE steps, each finished by ODE. All branches run as one batch.
+    cond, uncond: (1, L, D); noise: (1, 16, T, h, w). Returns final latents (G, 16, T, h, w) and the window's
+    transitions, one dict per step with x, x_next (G, ...) and log_prob (G,)."""
+    window = range(window_start, window_start + window_size)
+    assert window_start >= 0 and window.stop <= len(sigmas) - 1, f"window {window} outside {len(sigmas) - 1} steps"
+    return denoise(transformer, noise, cond, uncond, sigmas, guidance, window=window, noise_level=noise_level,
+                   branch_at=window_start, group_size=group_size, generator=generator, inject=inject,
+                   progress=progress)
+
+
+def step_log_prob(transformer, x, x_next, sigma, sigma_next, cond, uncond, guidance, noise_level, sigma_max):
+    """Log-prob (B,) of stored transitions x -> x_next under the current transformer (with grad, with CFG),
+    plus the step mean and std for the KL. For train.py; the same math as the rollout's SDE steps."""
+    v = velocity(transformer, x, sigma, cond, uncond, guidance)
+    _, logp, mean, std = grpo.sde_step(x, v, sigma, sigma_next, noise_level, sigma_max, prev_sample=x_next)
+    return logp, mean, std
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """Latents (B, 16, T, h, w) -> video (B, F, 3, H, W) in [0, 1]: un-normalise with the VAE's per-channel
+    latent mean/std, decode, map [-1, 1] -> [0, 1]."""
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+    video = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]  # (B, 3, F, H, W)
+    return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+
+def generate(wan, prompt, seed, *, frames, height, width, steps, guidance=5.0, sampler="unipc", text_len=512,
+             negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=16, degradation=0.35,
+             progress=False):
+    """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed (all draws from one generator)."""
+    device = next(wan.transformer.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    cond, uncond = encode(wan, [prompt, negative_prompt], text_len).to(wan.transformer.dtype).chunk(2)
+    x, inject, _ = camera_noise(prompt, latent_shape(frames, height, width), generator, warp_mode, warp_strength,
+                                warp_scale, degradation, device)
+    sigmas = flow_sigmas(steps, wan.scheduler.config.flow_shift)
+    x, _ = denoise(wan.transformer, x, cond, uncond, sigmas, guidance, generator=generator, inject=inject,
+                   scheduler=wan.scheduler if sampler == "unipc" else None, progress=progress)
+    return decode(wan.vae, x)[0]
+
+
+def save_video(path, video, fps=16):
+    """video (F, 3, H, W) in [0, 1] -> H.264 mp4 (Wan2.1 makes 16 fps video)."""
+    frames = (video.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    imageio.mimwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def read_prompts(path):
+    """One prompt per line; blank lines skipped. Errors name the file and what to do."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: prompt file {path} does not exist; pass a text file with one prompt per line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: prompt file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def check_video_size(frames, height, width):
+    """Wan2.1's VAE compresses time 4x (plus the first frame) and space 8x; the transformer patches 2x2."""
+    if frames < 1 or (frames - 1) % 4:
+        raise SystemExit(f"error: --frames={frames} must be 4k+1 (e.g. 9, 17, 81)")
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % 16:
+            raise SystemExit(f"error: --{name}={v} must be a positive multiple of 16 (e.g. 480, 832)")
+
+
+def check_writable_dir(folder):
+    folder = folder or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: cannot write to {folder}; create it or pick another --out")
+
+
+def parse_size_args(parser, argv, sizes):
+    """Two-pass parse: read --size, apply that preset as defaults, then parse everything (explicit flags win)."""
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**{k: v for k, v in sizes[known.size].items() if k in vars(known)})
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate videos with Wan2.1 and camera-warped noise.")
+    p.add_argument("--size", choices=list(SIZES), default="tiny", help="preset: tiny (random, CPU), small, large")
+    p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's model)")
+    p.add_argument("--lora", default=None, help="LoRA folder exported by train.py (peft/diffusers format)")
+    p.add_argument("--prompt", default=None, help="text prompt; camera words like 'Camera orbit left.' steer it")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (then --out is a folder)")
+    p.add_argument("--negative_prompt", default="", help="negative prompt for classifier-free guidance")
+    p.add_argument("--out", default="out.mp4", help="output mp4 (one prompt) or folder (--prompts)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt 0; prompt i uses seed + i")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the size's)")
+    p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
+    p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
+    p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc", help="unipc (checkpoint) or euler ODE")
+    p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init",
+                   help="camera noise: init (warp the initial noise, paper), stepwise (release), none")
+    p.add_argument("--warp_strength", type=float, default=None,
+                   help="init: blend weight of the warped noise (default 1); stepwise: λ (default per size)")
+    p.add_argument("--warp_scale", type=int, default=16, help="noise warp grid = latent grid x this")
+    p.add_argument("--degradation", type=float, default=0.35, help="fresh-noise share mixed into warped noise")
+    p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt (default: the size's)")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
+    args = parse_size_args(p, argv, SIZES)
+
+    # Validate everything before any model loads.
+    check_video_size(args.frames, args.height, args.width)
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps={args.steps} must be at least 1")
+    if (args.prompt is None) == (args.prompts is None):
+        raise SystemExit("error: give exactly one of --prompt \"...\" or --prompts FILE")
+    if args.prompt is not None and not args.prompt.strip():
+        raise SystemExit("error: --prompt is empty; describe the video, e.g. --prompt \"Camera pan left. A harbour.\"")
+    prompts = [args.prompt.strip()] if args.prompt is not None else read_prompts(args.prompts)
+    if args.prompts is not None:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError:
+            raise SystemExit(f"error: cannot create the folder --out={args.out}; pick a writable place")
+        check_writable_dir(args.out)
+        outs = [os.path.join(args.out, f"{i:04d}.mp4") for i in range(len(prompts))]
+    else:
+        if not args.out.endswith(".mp4"):
+            raise SystemExit(f"error: --out={args.out} must end in .mp4")
+        check_writable_dir(os.path.dirname(args.out))
+        outs = [args.out]
+    if args.lora is not None and not os.path.isdir(args.lora):
+        raise SystemExit(f"error: --lora={args.lora} is not a folder; pass one exported by train.py")
+    if args.model is not None and (args.model.startswith((".", "/")) or os.path.exists(args.model)) \
+            and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise SystemExit(f"error: --model={args.model} is not a diffusers folder (no model_index.json)")
+    if args.warp_strength is None and args.warp_mode == "stepwise":
+        args.warp_strength = STEPWISE_STRENGTH[args.size]
+
+    _, _, _, device = common.setup_dist()
+    t0 = time.time()
+    wan = load_wan(args.model, device)
+    if args.lora is not None:
+        wan.transformer.load_lora_adapter(args.lora, prefix="transformer", weight_name=LORA_FILE)
+    plain = [i for i, prompt in enumerate(prompts) if not noise_warp.parse_camera(prompt)]
+    if args.warp_mode != "none" and plain:
+        print(f"{len(plain)} prompt(s) without camera words (e.g. #{plain[0]}) use plain Gaussian noise; "
+              "start a prompt with e.g. 'Camera orbit left.' to steer the camera")
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        video = generate(wan, prompt, args.seed + i, frames=args.frames, height=args.height, width=args.width,
+                         steps=args.steps, guidance=args.guidance, sampler=args.sampler, text_len=args.text_len,
+                         negative_prompt=args.negative_prompt, warp_mode=args.warp_mode,
+                         warp_strength=args.warp_strength, warp_scale=args.warp_scale,
+                         degradation=args.degradation, progress=True)
+        save_video(out, video, args.fps)
+        print(f"wrote {out}  video {tuple(video.shape)} (F, 3, H, W)  {time.time() - t0:.1f} s")
+        t0 = time.time()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
