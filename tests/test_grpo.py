@@ -1,0 +1,181 @@
+"""
+Flow-GRPO math (grpo.py) against independent references, and the rollout/log-prob plumbing in sample.py.
+
+    python -m pytest tests/test_grpo.py -v
+"""
+import math
+
+import pytest
+import torch
+
+import grpo
+import sample
+
+
+# ---------------------------------------------------------------- sde_step
+
+def test_sde_log_prob_equals_torch_normal():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 16, 2, 4, 4, generator=g), torch.randn(3, 16, 2, 4, 4, generator=g)
+    sigma, sigma_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.8, 0.5, 0.1])
+    x_next, logp, mean, std = grpo.sde_step(x, v, sigma, sigma_next, 0.7, generator=g)
+    ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x_next).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(logp, ref, rtol=1e-6, atol=1e-6)
+    # std from its definition a·sqrt(σ/(1−σ))·sqrt(σ − σ_next), computed in float64
+    s, sn = sigma.double(), sigma_next.double()
+    torch.testing.assert_close(std.flatten().double(), 0.7 * (s / (1 - s)).sqrt() * (s - sn).sqrt())
+
+
+def test_sde_mean_is_euler_without_noise():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(2, 16, 3, 4, 4, generator=g), torch.randn(2, 16, 3, 4, 4, generator=g)
+    _, _, mean, _ = grpo.sde_step(x, v, 0.7, 0.55, noise_level=1e-8)
+    torch.testing.assert_close(mean, x + (0.55 - 0.7) * v, rtol=0, atol=1e-6)
+
+
+def test_sde_first_step_guard_is_finite():
+    x = torch.randn(1, 4)
+    out, logp, mean, std = grpo.sde_step(x, torch.zeros_like(x), 1.0, 0.95, 0.7, sigma_max=0.95)
+    assert torch.isfinite(out).all() and torch.isfinite(logp).all() and torch.isfinite(std).all()
+
+
+def test_sde_and_ode_share_the_marginal_on_a_gaussian_flow():
+    """Data x0 ~ N(mu, s^2), x_σ = (1 − σ)·x0 + σ·ε. The exact velocity is affine in x:
+    v(x, σ) = (x − m_σ)·(σ − (1 − σ)·s²)/var_σ − mu, m_σ = (1 − σ)·mu, var_σ = (1 − σ)²·s² + σ².
+    Both the ODE and the Flow-GRPO SDE started at N(0, 1) must end at N(mu, s²)."""
+    mu, s, n, steps = 1.5, 0.5, 200_000, 400
+    sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+
+    def v(x, sig):
+        var = (1 - sig) ** 2 * s**2 + sig**2
+        return (x - (1 - sig) * mu) * (sig - (1 - sig) * s**2) / var - mu
+
+    g = torch.Generator().manual_seed(0)
+    x_ode = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    x_sde = x_ode.clone()
+    for i in range(steps):
+        sig, nxt = float(sigmas[i]), float(sigmas[i + 1])
+        x_ode = x_ode + (nxt - sig) * v(x_ode, sig)
+        x_sde, _, _, _ = grpo.sde_step(x_sde, v(x_sde, sig), sig, nxt, 0.7, sigma_max=float(sigmas[1]), generator=g)
+        x_sde = x_sde.double()
+    se_mean, se_std = s / math.sqrt(n), s / math.sqrt(2 * n)  # standard errors of the sample mean and std
+    for x in (x_ode, x_sde):
+        assert abs(x.mean().item() - mu) < 5 * se_mean + 2e-3
+        assert abs(x.std().item() - s) < 5 * se_std + 2e-3
+    assert abs(x_sde.mean().item() - x_ode.mean().item()) < 6 * se_mean + 2e-3
+
+
+# ---------------------------------------------------------------- advantages
+
+def test_group_advantages_zero_mean_unit_std_and_zero_for_flat_groups():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 0.3, 0.3, 0.3, 0.3, 0.1, 0.9])
+    groups = torch.tensor([7, 7, 7, 7, 2, 2, 2, 2, 9, 9])
+    adv = grpo.group_advantages(rewards, groups)
+    for gid in (7, 9):
+        a = adv[groups == gid]
+        assert abs(a.mean().item()) < 1e-6
+        assert abs(a.std(unbiased=False).item() - 1) < 1e-3
+    assert torch.equal(adv[groups == 2], torch.zeros(4))
+    # reference for group 7, by hand
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    torch.testing.assert_close(adv[:4], (r - r.mean()) / (r.std(unbiased=False) + 1e-4))
+
+
+def test_group_advantages_clip():
+    rewards = torch.tensor([0.0] * 99 + [1.0])  # one outlier: z ≈ 9.9 before the clip
+    adv = grpo.group_advantages(rewards, torch.zeros(100, dtype=torch.long), adv_clip=5.0)
+    assert adv.max().item() == 5.0 and not torch.isnan(adv).any()
+
+
+# ---------------------------------------------------------------- losses
+
+def test_policy_loss_at_ratio_one_and_gradient_signs():
+    adv = torch.tensor([1.5, -0.5, 2.0, -3.0])
+    old = torch.tensor([-1.0, -2.0, -0.5, -0.7])
+    logp = old.clone().requires_grad_(True)
+    loss, clip_frac, approx_kl = grpo.policy_loss(logp, old, adv, clip_range=1e-3)
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-7)
+    assert clip_frac.item() == 0 and approx_kl.item() == 0
+    loss.backward()
+    # descending the loss raises log p where A > 0 and lowers it where A < 0
+    assert torch.equal(torch.sign(-logp.grad), torch.sign(adv))
+
+
+def test_policy_loss_clipped_side_has_no_gradient():
+    eps = 0.1
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_(True)  # ratios 1.5, 0.5, 1.5, 0.5
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, clip_frac, _ = grpo.policy_loss(logp, old, adv, eps)
+    loss.backward()
+    # A > 0 and r > 1 + ε, A < 0 and r < 1 − ε: clipped, no gradient; the other two keep their gradient
+    assert logp.grad[0] == 0 and logp.grad[1] == 0
+    assert logp.grad[2] != 0 and logp.grad[3] != 0
+    assert clip_frac.item() == 1.0
+
+
+def test_kl_zero_at_reference_and_gradient_points_to_it():
+    ref = torch.randn(2, 16, 3, 4, 4)
+    std = torch.full((2, 1, 1, 1, 1), 0.3)
+    assert grpo.kl_loss(ref, ref, std).item() == 0
+    mean = (ref + 0.1 * torch.randn_like(ref)).requires_grad_(True)
+    kl = grpo.kl_loss(mean, ref, std)
+    kl.backward()
+    step = mean - 1e-2 * mean.grad / mean.grad.norm()
+    assert grpo.kl_loss(step, ref, std) < kl
+    # closed form against torch.distributions
+    ref_kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, 0.3), torch.distributions.Normal(ref, 0.3))
+    torch.testing.assert_close(kl, ref_kl.mean(), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- rollouts on the tiny Wan
+
+@pytest.fixture(scope="module")
+def tiny():
+    wan = sample.load_wan(None, torch.device("cpu"))
+    cond, uncond = sample.encode(wan, ["Camera orbit left. A red house near a river.", ""], 32).chunk(2)
+    return wan, cond, uncond
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda m, args, kw, out: calls.append(kw["hidden_states"].shape[0]),
+                                          with_kwargs=True)
+    return calls, handle
+
+
+def test_rollout_branches_at_the_window_and_shares_the_prefix(tiny):
+    wan, cond, uncond = tiny
+    G, steps, start, width = 4, 8, 3, 2
+    sigmas = sample.flow_sigmas(steps, 3.0)
+    noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls, handle = _count_calls(wan.transformer)
+    latents, trans = sample.rollout(wan.transformer, cond, uncond, noise, sigmas, 5.0, group_size=G,
+                                    window_start=start, window_size=width, generator=torch.Generator().manual_seed(1))
+    handle.remove()
+    # prefix: one batched cond+uncond call per step at batch 2; after the branch: batch 2G
+    assert calls == [2] * start + [2 * G] * (steps - start)
+    assert [t["step"] for t in trans] == [start, start + 1]
+    x0 = trans[0]["x"]
+    assert all(torch.equal(x0[0], x0[k]) for k in range(G))  # identical before the window
+    x1 = trans[0]["x_next"]
+    assert all(not torch.allclose(x1[0], x1[k]) for k in range(1, G))  # different after it
+    assert latents.shape == (G, 16, 3, 8, 8)
+    assert not torch.allclose(latents[0], latents[1])
+
+
+def test_recomputed_log_probs_match_the_rollout(tiny):
+    """On-policy check: unchanged weights reproduce the stored log-probs (ratio = 1 within 1e-5, fp32)."""
+    wan, cond, uncond = tiny
+    sigmas = sample.flow_sigmas(6, 3.0)
+    noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    _, trans = sample.rollout(wan.transformer, cond, uncond, noise, sigmas, 5.0, group_size=3, window_start=0,
+                              window_size=2, generator=torch.Generator().manual_seed(3))
+    G = 3
+    for t in trans:
+        i = t["step"]
+        logp, _, _ = sample.step_log_prob(wan.transformer, t["x"], t["x_next"], float(sigmas[i]),
+                                          float(sigmas[i + 1]), cond.expand(G, -1, -1), uncond.expand(G, -1, -1),
+                                          5.0, 0.7, float(sigmas[1]))
+        ratio = torch.exp(logp - t["log_prob"])
+        torch.testing.assert_close(ratio, torch.ones(G), rtol=0, atol=1e-5)
