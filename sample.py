@@ -193,9 +193,12 @@ def flow_sigmas(steps, shift):
 
 def velocity(transformer, x, sigma, cond, uncond, guidance, timestep=None):
     """Classifier-free-guided velocity v = v_u + g·(v_c − v_u), both passes in one batch.
-    x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D); timestep defaults to 1000·σ. Returns fp32 (B, ...)."""
+    x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D); sigma: a float or (B,) (train.py mixes window steps in
+    one batch); timestep defaults to 1000·σ (taken in float64, as the pipeline does). Returns fp32 (B, ...)."""
     dtype = cond.dtype
-    t = torch.full((2 * x.shape[0],), 1000 * float(sigma) if timestep is None else float(timestep), device=x.device)
+    t = torch.as_tensor(1000 * torch.as_tensor(sigma, dtype=torch.float64) if timestep is None else timestep,
+                        device=x.device).float().expand(x.shape[0])
+    t = torch.cat([t, t])
     out = transformer(hidden_states=torch.cat([x, x]).to(dtype), timestep=t,
                       encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0].float()
     v_cond, v_uncond = out.chunk(2)

@@ -509,10 +509,8 @@ def test_score_components_and_bad_videos(models):
 
 
 def test_toy_reward():
-    target = (0.8, 0.3, 0.2)
-    on = torch.tensor(target).view(1, 1, 3, 1, 1).expand(2, 5, 3, 8, 8).clone()
-    off = torch.rand(2, 5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    r_on, r_off = reward.toy_reward(on, target), reward.toy_reward(off, target)
-    assert r_on.shape == (2,) and torch.allclose(r_on, torch.ones(2))
-    assert (r_off < 0.9).all() and (r_off >= 0).all()
-    assert reward.toy_reward(torch.zeros(1, 2, 3, 4, 4), target) < reward.toy_reward(0.5 * on[:1], target)
+    """Mean of latent channel 0, per video: (B, 16, T, h, w) -> (B,)."""
+    latents = torch.randn(3, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = [latents[b, 0].sum().item() / 32 for b in range(3)]
+    assert torch.allclose(reward.toy_reward(latents), torch.tensor(expected, dtype=torch.float32))
+    assert reward.toy_reward(latents + torch.eye(16)[0].view(1, 16, 1, 1, 1)).sub(1).allclose(reward.toy_reward(latents))
