@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -138,6 +139,8 @@ def parse_config(argv):
     for ok, message in checks:
         if not ok:
             raise SystemExit("error: " + message)
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --wandb needs the wandb package: pip install wandb (then wandb login)")
     if args.warp_strength is None and args.warp_mode == "stepwise":
         args.warp_strength = sample.STEPWISE_STRENGTH[args.size]
     return args

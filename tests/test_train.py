@@ -138,6 +138,16 @@ def test_resume_is_bitwise_and_a_crash_while_saving_keeps_the_last_checkpoint(tm
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_full_finetune_trains_every_weight_against_a_frozen_copy(tmp_path):
+    out = tmp_path / "full"
+    run(["--size=tiny", "--max_steps=1", "--full_finetune", "--lr=1e-4"] + TOY, out)
+    saved = load_file(out / "ckpt_000000" / "trainable.safetensors")
+    import sample
+    assert saved.keys() == dict(sample.build_tiny(0).transformer.named_parameters()).keys()
+    assert not (out / "ckpt_000000" / "lora").exists()
+    assert records(out)[0]["kl"] > 0  # the second update moved away from the frozen reference
+
+
 @pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
 def test_torchrun_two_cpu_processes(tmp_path, extra):
     """Two gloo ranks: DDP keeps parameters identical on both after every step; FSDP2 runs, saves with
@@ -164,6 +174,7 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     (["--resume"], "no complete checkpoint"),
     (["--sde_window=9"], "must fit in the first half"),
     (["--frames=10"], "4k+1"),
+    (["--wandb"], "pip install wandb"),
 ])
 def test_bad_config_stops_before_loading_models(tmp_path, args, message):
     three = tmp_path / "three.txt"
