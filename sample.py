@@ -316,10 +316,15 @@ def check_video_size(frames, height, width):
             raise SystemExit(f"error: --{name}={v} must be a positive multiple of 16 (e.g. 480, 832)")
 
 
-def check_writable_dir(folder):
+def make_writable_dir(folder, flag="--out"):
+    """Create `folder` if needed and check we can write there; one clear line if not."""
     folder = folder or "."
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise SystemExit(f"error: cannot write to {folder}; create it or pick another --out")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the folder {flag}={folder} ({e.strerror}); pick a writable place")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: cannot write to {folder}; pick a writable place for {flag}")
 
 
 def parse_size_args(parser, argv, sizes):
@@ -365,16 +370,12 @@ def main(argv=None):
         raise SystemExit("error: --prompt is empty; describe the video, e.g. --prompt \"Camera pan left. A harbour.\"")
     prompts = [args.prompt.strip()] if args.prompt is not None else read_prompts(args.prompts)
     if args.prompts is not None:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError:
-            raise SystemExit(f"error: cannot create the folder --out={args.out}; pick a writable place")
-        check_writable_dir(args.out)
+        make_writable_dir(args.out)
         outs = [os.path.join(args.out, f"{i:04d}.mp4") for i in range(len(prompts))]
     else:
         if not args.out.endswith(".mp4"):
             raise SystemExit(f"error: --out={args.out} must end in .mp4")
-        check_writable_dir(os.path.dirname(args.out))
+        make_writable_dir(os.path.dirname(args.out))
         outs = [args.out]
     if args.lora is not None and not os.path.isdir(args.lora):
         raise SystemExit(f"error: --lora={args.lora} is not a folder; pass one exported by train.py")

@@ -169,7 +169,7 @@ if args.resume and not os.path.isfile(os.path.join(args.out_dir, "latest")):
     raise SystemExit(f"error: --resume but {args.out_dir} has no complete checkpoint (no 'latest' file); "
                      "drop --resume to start fresh or point --out_dir at a run")
 if master:
-    os.makedirs(args.out_dir, exist_ok=True)
+    sample.make_writable_dir(args.out_dir, "--out_dir")
 print0(json.dumps(vars(args), indent=1))
 print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} videos = "
        f"{groups_per_step * args.group_size} videos per step; {transitions_per_rank} window transitions per rank "

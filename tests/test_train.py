@@ -175,12 +175,14 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     (["--sde_window=9"], "must fit in the first half"),
     (["--frames=10"], "4k+1"),
     (["--wandb"], "pip install wandb"),
+    (["--out_dir=" + os.path.abspath(__file__)], "cannot create the folder --out_dir"),  # a file, not a folder
 ])
 def test_bad_config_stops_before_loading_models(tmp_path, args, message):
     three = tmp_path / "three.txt"
     three.write_text("a\nb\nc\n")
     args = [a.replace("PROMPTS3", str(three)) for a in args]
-    proc = run(["--size=tiny"] + args, tmp_path / "out", check=False)
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), tmp_path / "out")
+    proc = run(["--size=tiny"] + [a for a in args if not a.startswith("--out_dir=")], out, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "trainable parameters" not in proc.stdout  # stopped before any model loaded

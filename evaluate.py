@@ -1,0 +1,630 @@
+"""
+Evaluate Wan2.1 before and after World-R1 training: 3D consistency, camera control and quality, as tables and plots.
+
+    python evaluate.py --size=tiny                                        # tiny random model on CPU, base only
+    python evaluate.py --size=tiny --ckpt out --curves out                # base vs out's latest checkpoint
+    torchrun --standalone --nproc_per_node=8 evaluate.py --size=small --ckpt out/ckpt_003000 --out eval_small
+    python evaluate.py --size=small --lora my_lora/ --limit 50           # any LoRA folder exported by train.py
+
+Every prompt i is sampled with seed `--seed + i`, by the base model and by the checkpoint alike (a paired
+comparison), on rank i % world; each rank fills its own rows of a (prompts, metrics) table and one all_reduce(SUM)
+assembles it, so the numbers do not depend on the number of processes. Per video:
+  3D consistency (the paper's Table 1): Depth Anything 3 lifts the video to 3D Gaussians and cameras
+      (reward.lift), we re-render every frame at its own estimated camera and report PSNR, SSIM (torchmetrics) and
+      LPIPS (AlexNet, the lpips package) against the frames, at DA3's processing resolution as S_recon does.
+  Camera control: RotErr, TransErr, CamMC of the estimated camera path against the path the prompt's camera words
+      request (noise_warp.camera_path), as CamI2V computes them (see `camera_metrics`).
+  Quality: HPSv3 (mean mu over the first `gen_frames` frames, as R_gen); subject consistency (VBench: DINO ViT-B/16
+      features, similarity to the first and to the previous frame); dynamic degree (VBench: RAFT optical flow,
+      "moving" when enough frame pairs have a large top-5% flow).
+  Reward components: reward.score with the checkpoint's reward settings (S_meta, S_recon, S_traj, R_3D, R_gen, total).
+Outputs in --out: results.md, results.json, per_prompt.csv, bars.png, motions.png, frames.png, curves.png (--curves).
+
+Real sizes download, besides Wan and the reward models: facebook/dino-vitb16 (transformers' conversion of the DINO
+ViT-B/16 checkpoint VBench loads from torch hub; its layer-norm eps is 1e-12 where DINO's is 1e-6, a last-digits
+difference) and torchvision's RAFT-large C_T_V1 weights (raft_large_C_T_V1-22a6c225.pth,
+ported from the RAFT authors' raft-things.pth, which VBench uses) into the torch hub cache; seed those caches on
+offline clusters. `--size=tiny` builds random DINO and RAFT-small models in code and downloads nothing.
+MVCS (anchors.md 4.3) is not implemented: its exact definition is not known to us.
+"""
+import common  # noqa: F401  (first: the CPU torchvision fix, before transformers, lpips, torchvision)
+
+import argparse
+import csv
+import difflib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import noise_warp
+import reward
+import sample
+
+# Evaluation presets, on top of sample.SIZES (model, video size, sampling steps, text length).
+SIZES = {
+    "tiny": dict(limit=6, dino=None, dino_px=32, raft="small", flow_iters=4),
+    "small": dict(limit=None, dino="facebook/dino-vitb16", dino_px=224, raft="large", flow_iters=20),
+    "large": dict(limit=None, dino="facebook/dino-vitb16", dino_px=224, raft="large", flow_iters=20),
+}
+FPS = 16  # Wan2.1 makes 16 fps video; VBench's dynamic degree samples frames at ~8 fps
+# Settings a checkpoint's state.json fixes for the evaluation (an explicit flag still wins).
+FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "negative_prompt", "warp_mode",
+             "warp_strength", "reward_size")
+# Reward settings: train.py's defaults, replaced by the checkpoint's own where it has them.
+REWARD_DEFAULTS = dict(w_3d=1.0, w_gen=1.0, gen_frames=4, gen_scale=0.1, meta_angle=15.0, traj_rot_scale=10.0)
+
+# Per-video metrics: key -> (table header with the better direction, number format). Order = column order.
+METRICS = {
+    "PSNR": ("PSNR↑", ".2f"), "SSIM": ("SSIM↑", ".3f"), "LPIPS": ("LPIPS↓", ".3f"),
+    "RotErr": ("RotErr°↓", ".2f"), "TransErr": ("TransErr↓", ".3f"), "CamMC": ("CamMC↓", ".3f"),
+    "HPSv3": ("HPSv3↑", ".3f"), "SubjCons": ("SubjCons%↑", ".2f"), "DynDeg": ("DynDeg%", ".1f"),
+    "Flow": ("Flow px", ".2f"),
+    "S_meta": ("S_meta↑", ".3f"), "S_recon": ("S_recon↑", ".3f"), "S_traj": ("S_traj↑", ".3f"),
+    "R_3D": ("R_3D↑", ".3f"), "R_gen": ("R_gen↑", ".4f"), "reward": ("reward↑", ".3f"),
+}
+KEYS = list(METRICS)
+MAIN_KEYS = KEYS[:10]  # results.md's main table; the reward components get a table of their own
+MOTION_KEYS = ("PSNR", "LPIPS", "RotErr", "TransErr", "SubjCons", "reward")
+# The paper's own numbers (anchors.md section 5: Table 1 at 832x480 and VBench Table 2), for scale only.
+PAPER = [("Wan2.1-T2V-1.3B", 17.40, 0.550, 0.467, 96.34), ("World-R1-Small", 27.63, 0.858, 0.201, 97.58),
+         ("Wan2.1-T2V-14B", 19.76, 0.629, 0.405, None), ("World-R1-Large", 27.67, 0.865, 0.162, None)]
+
+
+# -----------------------------------------------------------------------------
+# Command line: everything is checked here, before any model loads
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate Wan2.1, base vs a World-R1 checkpoint.")
+    p.add_argument("--size", choices=list(SIZES), default=None, help="preset: tiny (CPU), small, large "
+                   "(default: the checkpoint's, else tiny)")
+    # what to evaluate
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (out/ckpt_000100) or run folder (uses 'latest')")
+    p.add_argument("--lora", default=None, help="a LoRA folder exported by train.py, instead of --ckpt")
+    p.add_argument("--model", default=None, help="base model: hub id or diffusers folder (default: ckpt's/size's)")
+    p.add_argument("--prompts", default="prompts/test.txt", help="one prompt per line")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts only (default: tiny 6, else all)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, by every model")
+    # sampling (defaults: the checkpoint's training config, else the size preset)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: sample.py's, 50 real)")
+    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc", help="unipc (checkpoint) or euler")
+    p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
+    p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
+    p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
+    p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 5)")
+    p.add_argument("--negative_prompt", default=None, help="negative prompt (default empty)")
+    p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default=None,
+                   help="camera noise (default init)")
+    p.add_argument("--warp_strength", type=float, default=None, help="see sample.py --warp_strength")
+    # metric models
+    p.add_argument("--reward_size", choices=list(SIZES), default=None, help="reward models (default: --size)")
+    p.add_argument("--dino", default=None, help="DINO hub id or folder for subject consistency "
+                   "(default facebook/dino-vitb16; facebook/dinov2-base also works)")
+    # output
+    p.add_argument("--out", default="eval", help="output folder (created)")
+    p.add_argument("--curves", default=None, help="run folder whose metrics.jsonl to plot as training curves")
+    p.add_argument("--grid", type=int, default=4, help="prompts shown in frames.png")
+    p.add_argument("--save_videos", action="store_true", help="also write every video to OUT/videos/MODEL/")
+    return p
+
+
+def resolve_checkpoint(path):
+    """--ckpt -> (checkpoint folder, its state.json). A run folder is followed through its `latest` file."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: --ckpt={path} does not exist; pass a checkpoint folder (out/ckpt_000100) or a "
+                         "run folder that has a 'latest' file")
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    state_file = os.path.join(path, "state.json")
+    if not os.path.isfile(state_file):
+        raise SystemExit(f"error: --ckpt={path} has no state.json (and no 'latest' file); pass a complete "
+                         "checkpoint folder written by train.py")
+    if not os.path.isfile(os.path.join(path, "lora", sample.LORA_FILE)):
+        raise SystemExit(f"error: checkpoint {path} has no lora/{sample.LORA_FILE}; evaluate.py reads LoRA "
+                         "checkpoints (a --full_finetune run has none)")
+    with open(state_file) as f:
+        return path, json.load(f)
+
+
+def parse_args(argv):
+    """Flags -> resolved config. Precedence: explicit flag > checkpoint's training config > size preset.
+    Every user mistake stops here with one line saying what to do."""
+    p = build_parser()
+    args, unknown = p.parse_known_args(argv)
+    for flag in unknown:  # argparse's own message is a usage dump; name the closest flag instead (as train.py)
+        key = flag.split("=")[0]
+        close = difflib.get_close_matches(key, [a for act in p._actions for a in act.option_strings], n=3)
+        raise SystemExit(f"error: unknown argument {flag}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if args.ckpt is not None and args.lora is not None:
+        raise SystemExit("error: give --ckpt or --lora, not both")
+    args.ckpt_state, args.lora_dir, args.label = None, None, None
+    if args.ckpt is not None:
+        args.ckpt, args.ckpt_state = resolve_checkpoint(args.ckpt)
+        args.lora_dir = os.path.join(args.ckpt, "lora")
+        args.label = os.path.basename(os.path.normpath(args.ckpt))
+    elif args.lora is not None:
+        if not os.path.isfile(os.path.join(args.lora, sample.LORA_FILE)):
+            raise SystemExit(f"error: --lora={args.lora} has no {sample.LORA_FILE}; pass a folder exported by train.py")
+        args.lora_dir, args.label = args.lora, "lora:" + os.path.basename(os.path.normpath(args.lora))
+    cfg = (args.ckpt_state or {}).get("config", {})
+    if args.size is not None and cfg.get("size") not in (None, args.size):
+        raise SystemExit(f"error: --size={args.size} but the checkpoint was trained at --size={cfg['size']}; "
+                         "drop --size")
+    args.size = args.size or cfg.get("size") or "tiny"
+    preset = {**sample.SIZES[args.size], **SIZES[args.size], "guidance": 5.0, "negative_prompt": "",
+              "warp_mode": "init", "reward_size": args.size}
+    for key in ("model", "frames", "height", "width", "steps", "text_len", "guidance", "negative_prompt",
+                "warp_mode", "warp_strength", "reward_size", "limit", "dino"):
+        if getattr(args, key) is None:
+            setattr(args, key, cfg[key] if key in FROM_CKPT and cfg.get(key) is not None else preset.get(key))
+    if args.warp_strength is None and args.warp_mode == "stepwise":
+        args.warp_strength = sample.STEPWISE_STRENGTH[args.size]
+    args.reward_kw = {k: cfg.get(k, v) for k, v in REWARD_DEFAULTS.items()}  # as the checkpoint was trained
+    args.dino_px, args.raft, args.flow_iters = (SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
+
+    sample.check_video_size(args.frames, args.height, args.width)
+    if args.model is not None and (args.model.startswith((".", "/")) or os.path.exists(args.model)) \
+            and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise SystemExit(f"error: --model={args.model} is not a diffusers folder (no model_index.json)")
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps={args.steps} must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit={args.limit} must be at least 1 (leave it out for every prompt)")
+    if args.grid < 0:
+        raise SystemExit(f"error: --grid={args.grid} must be 0 or more")
+    args.prompt_list = sample.read_prompts(args.prompts)[:args.limit]
+    if args.curves is not None and not os.path.isfile(os.path.join(args.curves, "metrics.jsonl")):
+        raise SystemExit(f"error: --curves={args.curves} has no metrics.jsonl; pass train.py's --out_dir")
+    sample.make_writable_dir(args.out)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Metric models: DINO (subject consistency) and RAFT (dynamic degree)
+
+def build_tiny_dino(seed=0):
+    """Random ViT with DINO ViT-B/16's architecture family (2 layers, 32 wide, patch 8): no download."""
+    from transformers import ViTConfig, ViTModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  image_size=32, patch_size=8), add_pooling_layer=False).eval()
+
+
+def load_dino(repo, device):
+    """repo None: tiny random. Else a hub id or folder through transformers: facebook/dino-vitb16 (ViTModel, the
+    DINO ViT-B/16 weights VBench uses) or a DINOv2 checkpoint (Dinov2Model). DINO has no pooler: we read the CLS
+    token of the last (layer-normed) hidden state, which is what DINO's own forward returns."""
+    from transformers import AutoConfig, AutoModel, ViTModel
+    if repo is None:
+        model = build_tiny_dino()
+    elif AutoConfig.from_pretrained(repo).model_type == "vit":
+        model = ViTModel.from_pretrained(repo, add_pooling_layer=False)
+    else:
+        model = AutoModel.from_pretrained(repo)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_raft(kind, device, seed=0):
+    """torchvision RAFT: "large" with the C_T_V1 weights (the RAFT authors' raft-things.pth, as VBench), "small"
+    with random weights (tiny runs; seeded so every rank builds the same network)."""
+    from torchvision.models.optical_flow import Raft_Large_Weights, raft_large, raft_small
+    if kind == "large":
+        model = raft_large(weights=Raft_Large_Weights.C_T_V1)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = raft_small(weights=None)
+    return model.eval().requires_grad_(False).to(device)
+
+
+# -----------------------------------------------------------------------------
+# Metrics, one video at a time
+
+def image_metrics(pred, target):
+    """Per-frame PSNR and SSIM of pred against target, (F, 3, H, W) in [0, 1] -> two (F,) tensors.
+    PSNR = 10 log10(1 / MSE) over all pixels and channels of a frame; SSIM (Wang et al. 2004) with an 11x11
+    Gaussian window, sigma 1.5, K1 0.01, K2 0.03, averaged over the (reflect-padded) frame and channels. Both from
+    torchmetrics at data range 1; the dtype of the inputs is kept."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+    return psnr, ssim
+
+
+@torch.no_grad()
+def recon_metrics(models, lf):
+    """3D consistency (World-R1 Table 1): render all Gaussians at each frame's estimated camera, compare with that
+    frame. lf: reward.Lift (frames (F, 3, h, w) at DA3's resolution). -> {PSNR, SSIM, LPIPS}, means over frames."""
+    h, w = lf.frames.shape[-2:]
+    rgb, _ = reward.render(lf.gaussians, lf.w2c, lf.K, h, w)  # (F, h, w, 3)
+    pred = rgb.clamp(0, 1).permute(0, 3, 1, 2).to(lf.frames.dtype)
+    psnr, ssim = image_metrics(pred, lf.frames)
+    lp = reward.lpips_distance(models, pred, lf.frames)
+    return dict(PSNR=psnr.mean().item(), SSIM=ssim.mean().item(), LPIPS=lp.mean().item())
+
+
+def normalize_translation(c2w, eps=1e-9):
+    """CamI2V's normalize_t: t_j / (max_k |t_k| + eps), rotations kept. (F, 4, 4) relative to frame 0 -> same.
+    A path whose camera never moves (pan, fixed) stays at t = 0; any other path ends with its farthest camera at
+    distance 1, which removes the unknown scale of a monocular reconstruction."""
+    out = c2w.clone()
+    out[:, :3, 3] = c2w[:, :3, 3] / (c2w[:, :3, 3].norm(dim=-1).max() + eps)
+    return out
+
+
+def camera_metrics(est_c2w, req_c2w):
+    """Camera control of an estimated path against the requested one, both c2w (F, 4, 4), as CamI2V computes them
+    (ZGCTroy/CamI2V evaluation: RotErr from CameraCtrl, CamMC from CamI2V), rotation in degrees:
+        P_j <- P_0^-1 P_j                                     (relative to the first frame, both paths)
+        t_j <- t_j / max_k |t_k|                              (each path by its own scale: normalize_translation)
+        RotErr   = sum_j arccos((tr(R^_j R_j^T) - 1) / 2)     degrees (the geodesic angle; atan2 form)
+        TransErr = sum_j |t^_j - t_j|_2
+        CamMC    = sum_j |[R^|t^]_j - [R|t]_j|_F              over the 3x4 matrices
+    Sums over all F frames (frame 0 contributes 0), so they grow with the frame count, as in the papers."""
+    est, req = est_c2w.double(), req_c2w.to(est_c2w.device).double()
+    est, req = (normalize_translation(torch.linalg.inv(P[0]) @ P) for P in (est, req))
+    rot = reward.geodesic_deg(est[:, :3, :3], req[:, :3, :3]).sum()
+    trans = (est[:, :3, 3] - req[:, :3, 3]).norm(dim=-1).sum()
+    cammc = (est[:, :3, :4] - req[:, :3, :4]).flatten(1).norm(dim=-1).sum()
+    return dict(RotErr=rot.item(), TransErr=trans.item(), CamMC=cammc.item())
+
+
+def to_uint8(video):
+    """[0, 1] floats -> uint8 levels, the frames an mp4 reader hands VBench."""
+    return (video.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def subject_consistency(dino, video, n_px=224):
+    """VBench subject consistency, in percent. video (F, 3, H, W) in [0, 1], F >= 2. Frames are resized
+    (shorter side n_px, bilinear, no antialias, on uint8 as VBench) and ImageNet-normalised; f_k is the
+    L2-normalised CLS feature of frame k;
+        S = 100 / (F - 1) * sum_{k>=1} (max(0, <f_k, f_{k-1}>) + max(0, <f_k, f_0>)) / 2."""
+    from torchvision.transforms.functional import normalize, resize
+    x = resize(to_uint8(video), n_px, antialias=False).float() / 255
+    x = normalize(x, reward.IMAGENET_MEAN, reward.IMAGENET_STD)
+    kw = dict(interpolate_pos_encoding=True) if dino.config.model_type == "vit" else {}  # DINOv2 always interpolates
+    f = F.normalize(dino(pixel_values=x.to(dino.device, dino.dtype), **kw).last_hidden_state[:, 0].float(), dim=-1)
+    prev, first = (f[1:] * f[:-1]).sum(-1).clamp_min(0), (f[1:] * f[:1]).sum(-1).clamp_min(0)
+    return 100 * ((prev + first) / 2).mean().item()
+
+
+@torch.no_grad()
+def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
+    """VBench dynamic degree of one video -> (moving 0 or 100, mean top-5% flow magnitude in px).
+    Frames at ~8 fps (every round(fps / 8)-th), uint8 levels; RAFT flow between consecutive frames (padded to a
+    multiple of 8 as RAFT's InputPadder); per pair s = mean of the largest 5% of |flow|; the video moves when at
+    least round(4 n / 16) of its n frames' pairs have s > 6 min(H, W) / 256. RAFT needs sides >= 128 px, so a
+    smaller video (tiny) is upsampled first and the threshold is taken at the size RAFT sees."""
+    x = to_uint8(video[::max(1, round(fps / 8))]).float()  # (n, 3, H, W) in 0..255
+    if min(x.shape[-2:]) < 128:
+        x = F.interpolate(x, scale_factor=128 / min(x.shape[-2:]), mode="bilinear", align_corners=False)
+    n, (H, W) = len(x), x.shape[-2:]
+    thres, count = 6.0 * min(H, W) / 256, round(4 * n / 16)
+    ph, pw = -H % 8, -W % 8
+    x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate") / 127.5 - 1  # RAFT wants [-1, 1]
+    dev = next(raft.parameters()).device
+    scores = []
+    for i in range(0, n - 1, chunk):
+        a, b = x[i:min(i + chunk, n - 1)], x[i + 1:min(i + chunk, n - 1) + 1]
+        flow = raft(a.to(dev), b.to(dev), num_flow_updates=iters)[-1].float()  # (c, 2, H', W')
+        mag = flow.norm(dim=1).flatten(1)
+        scores.append(mag.topk(int(mag.shape[1] * 0.05), dim=1).values.mean(1).cpu())
+    scores = torch.cat(scores)
+    return 100.0 * float((scores > thres).sum() >= count), scores.mean().item()
+
+
+def guarded(reasons, what, fn, *a):
+    """Run one metric group; a failure becomes NaN for its metrics and a reason, never a crashed evaluation."""
+    try:
+        return fn(*a)
+    except Exception as e:  # the per-metric boundary: one broken video must not end a 300-video evaluation
+        reasons.append(f"{what} failed: {type(e).__name__}: {str(e)[:160]}")
+        return {}
+
+
+def evaluate_video(video, prompt, path, models, dino, raft, args):
+    """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, reason string).
+    path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion."""
+    row, reasons = dict.fromkeys(KEYS, math.nan), []
+    lf = guarded(reasons, "lift", lambda: {"lf": reward.lift(models, video)}).get("lf")
+    if lf is not None:
+        row.update(guarded(reasons, "recon", recon_metrics, models, lf))
+        if path is not None:
+            row.update(guarded(reasons, "camera", camera_metrics, lf.c2w, path))
+    row.update(guarded(reasons, "subject consistency", lambda: dict(
+        SubjCons=subject_consistency(dino, video, args.dino_px))))
+    row.update(guarded(reasons, "dynamic degree", lambda: dict(zip(("DynDeg", "Flow"), dynamic_degree(
+        raft, video, iters=args.flow_iters)))))
+    r = reward.score(models, video[None], [prompt], [path], **args.reward_kw)  # never raises on a bad video
+    row.update({k: r[k].item() for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}, reward=r["total"].item())
+    gen_scale = args.reward_kw["gen_scale"]  # R_gen = gen_scale * mean HPSv3 mu over the first gen_frames frames
+    row["HPSv3"] = row["R_gen"] / gen_scale if gen_scale else math.nan
+    reasons += [r["reasons"][0]] if r["reasons"][0] else []
+    return row, "; ".join(reasons)
+
+
+GRID_COLS = 5  # frames per video in frames.png
+
+
+def thumb_size(height, width, max_side=128):
+    s = min(1.0, max_side / max(height, width))
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def grid_frames(video, cols=GRID_COLS):
+    """`cols` evenly spaced frames of a video (F, 3, H, W), shrunk by thumb_size -> (cols, 3, h, w) float32."""
+    idx = torch.linspace(0, len(video) - 1, cols).round().long()
+    return F.interpolate(video[idx].float(), size=thumb_size(*video.shape[-2:]), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+# -----------------------------------------------------------------------------
+# Aggregation (rank 0): means, deltas, per-motion breakdown
+
+def nanmean(values):
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def summarize(names, tables, prompts):
+    """tables: (M, N, K) -> per-model means {name: {key: mean}} (NaN skipped), the last model minus the first,
+    and per-motion means {name: {motion: {key: mean}}} (a composite prompt counts toward each of its motions)."""
+    means = {name: {k: nanmean(t[:, j].tolist()) for j, k in enumerate(KEYS)} for name, t in zip(names, tables)}
+    delta = {k: means[names[-1]][k] - means[names[0]][k] for k in KEYS} if len(names) > 1 else {}
+    motions = [sorted(set(noise_warp.parse_camera(p)) or {"(none)"}) for p in prompts]
+    order = [m for m in (*noise_warp.MOTIONS, "(none)") if any(m in ms for ms in motions)]
+    per_motion = {name: {m: {k: nanmean([t[i, j].item() for i in range(len(prompts)) if m in motions[i]])
+                             for j, k in enumerate(KEYS)} for m in order} for name, t in zip(names, tables)}
+    return means, delta, per_motion
+
+
+def fmt(value, spec):
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+def markdown_table(rows, keys, delta=None):
+    """rows: [(label, {key: value})] -> markdown lines, one row per model (+ a Δ row)."""
+    lines = ["| model | " + " | ".join(METRICS[k][0] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fmt(v[k], METRICS[k][1]) for k in keys) + " |" for label, v in rows]
+    if delta:
+        lines.append("| Δ (ckpt − base) | " + " | ".join(
+            ("+" if delta[k] >= 0 else "") + fmt(delta[k], METRICS[k][1]) for k in keys) + " |")
+    return lines
+
+
+def write_markdown(path, args, names, means, delta, per_motion, n):
+    rows = [(name, means[name]) for name in names]
+    lines = [f"# Evaluation: {' vs '.join(names)}", "",
+             f"{n} prompts from `{args.prompts}`, size `{args.size}`, {args.frames}x{args.height}x{args.width}, "
+             f"{args.steps} {args.sampler} steps, guidance {args.guidance}, seed {args.seed} + prompt index.", "",
+             "PSNR/SSIM/LPIPS: DA3 Gaussians re-rendered at the estimated cameras vs the frames (3D consistency). "
+             "RotErr (degrees, summed over frames) / TransErr / CamMC: estimated vs requested camera path, relative to "
+             "the first frame, translation scale-normalised. SubjCons and DynDeg: VBench definitions, in percent; "
+             "Flow: mean top-5% RAFT flow magnitude. Means over prompts; n/a where undefined.", ""]
+    lines += markdown_table(rows, MAIN_KEYS, delta)
+    lines += ["", "## Reward components (reward.score, as in training)", ""]
+    lines += markdown_table(rows, KEYS[10:], delta)
+    lines += ["", "## Per camera motion (a composite prompt counts toward each of its motions)", ""]
+    head = "| motion | " + " | ".join(f"{METRICS[k][0]} {name}" for k in MOTION_KEYS for name in names) + " |"
+    lines += [head, "|---" * (len(MOTION_KEYS) * len(names) + 1) + "|"]
+    for m in per_motion[names[0]]:
+        lines.append(f"| {m} | " + " | ".join(fmt(per_motion[name][m][k], METRICS[k][1])
+                                               for k in MOTION_KEYS for name in names) + " |")
+    lines += ["", "## The paper's numbers, for scale (832x480, 81 frames; anchors.md section 5)", "",
+              "| model | PSNR↑ | SSIM↑ | LPIPS↓ | SubjCons%↑ |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {a:.2f} | {b:.3f} | {c:.3f} | {fmt(d, '.2f') if d else 'n/a'} |" for m, a, b, c, d in PAPER]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def clean(x):
+    """NaN -> None, recursively, so results.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def per_prompt_rows(names, tables, prompts, seed):
+    return [dict(index=i, model=name, seed=seed + i, motions=" ".join(noise_warp.parse_camera(p)), prompt=p,
+                 **{k: t[i, j].item() for j, k in enumerate(KEYS)})
+            for name, t in zip(names, tables) for i, p in enumerate(prompts)]
+
+
+def write_json(path, args, names, means, delta, per_motion, rows):
+    config = {k: getattr(args, k) for k in ("size", "model", "ckpt", "lora_dir", "prompts", "limit", "seed", "steps",
+                                            "sampler", "frames", "height", "width", "text_len", "guidance",
+                                            "negative_prompt", "warp_mode", "warp_strength", "reward_size", "dino",
+                                            "dino_px", "raft", "flow_iters", "reward_kw")}
+    config["ckpt_step"] = (args.ckpt_state or {}).get("step")
+    out = dict(config=config, models=[dict(name=name, n=len(rows) // len(names), means=means[name]) for name in names],
+               delta=delta, per_motion=per_motion, per_prompt=rows)
+    with open(path, "w") as f:
+        json.dump(clean(out), f, indent=1)
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# -----------------------------------------------------------------------------
+# Plots (matplotlib, headless)
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+COLORS = ["tab:gray", "tab:blue"]  # base, checkpoint
+
+
+def plot_bars(path, names, means):
+    """One panel per metric, one bar per model."""
+    plt = _plt()
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(KEYS) / cols), cols, figsize=(3.2 * cols, 2.4 * math.ceil(len(KEYS) / cols)))
+    for ax, k in zip(axes.flat, KEYS):
+        vals = [means[n][k] for n in names]
+        ax.bar(range(len(names)), [0 if math.isnan(v) else v for v in vals], color=COLORS[:len(names)])
+        for x, v in enumerate(vals):
+            ax.text(x, 0 if math.isnan(v) else v, fmt(v, METRICS[k][1]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_title(METRICS[k][0], fontsize=9)
+    for ax in list(axes.flat)[len(KEYS):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_motions(path, names, per_motion):
+    """Grouped bars: x = camera motion, one bar per model, one panel per metric in MOTION_KEYS."""
+    plt = _plt()
+    motions = list(per_motion[names[0]])
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6))
+    width = 0.8 / len(names)
+    for ax, k in zip(axes.flat, MOTION_KEYS):
+        for j, name in enumerate(names):
+            vals = [per_motion[name][m][k] for m in motions]
+            ax.bar([i + j * width for i in range(len(motions))], [0 if math.isnan(v) else v for v in vals],
+                   width, label=name, color=COLORS[j % len(COLORS)])
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(motions))], motions, rotation=40,
+                      fontsize=7, ha="right")
+        ax.set_title(METRICS[k][0], fontsize=9)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=len(names), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_frames(path, names, thumbs, prompts):
+    """thumbs (M, P, cols, 3, h, w): one row per (prompt, model), the frames side by side."""
+    plt = _plt()
+    M, P = thumbs.shape[:2]
+    fig, axes = plt.subplots(M * P, 1, figsize=(2 * thumbs.shape[2], 1.9 * M * P), squeeze=False)
+    for p in range(P):
+        for m in range(M):
+            ax = axes[p * M + m, 0]
+            ax.imshow(torch.cat(list(thumbs[m, p]), dim=-1).permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_title(f"#{p} {names[m]}: {prompts[p][:90]}", fontsize=7, loc="left")
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+CURVE_FIRST = ("reward", "R_3D", "S_meta", "S_recon", "S_traj", "R_gen", "eval_reward", "kl", "loss", "approx_kl",
+               "clip_frac_0", "grad_norm")
+
+
+def plot_curves(path, run_dir, max_panels=16):
+    """Training curves from run_dir/metrics.jsonl: every numeric key against step (reward, its components, KL and
+    loss first); dynamic-phase steps drawn as dots. Returns the keys plotted."""
+    plt = _plt()
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    numeric = {k for r in records for k, v in r.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    keys = ([k for k in CURVE_FIRST if k in numeric] + sorted(numeric - set(CURVE_FIRST)))[:max_panels]
+    cols = 4
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.4 * rows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r.get("step", i), r[k], r.get("phase")) for i, r in enumerate(records)
+               if isinstance(r.get(k), (int, float))]
+        ax.plot([s for s, _, _ in pts], [v for _, v, _ in pts], lw=1)
+        dyn = [(s, v) for s, v, ph in pts if ph == "dynamic"]
+        if dyn:
+            ax.plot(*zip(*dyn), ".", ms=3, color="tab:orange", label="dynamic phase")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return keys
+
+
+# -----------------------------------------------------------------------------
+# Main: shard prompts, evaluate each model, all_reduce, write
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, _, world, device = common.setup_dist()
+    prompts, t_start = args.prompt_list, time.time()
+    mine = list(range(rank, len(prompts), world))  # prompt i on rank i % world, always with seed + i
+    common.print0(f"evaluating {len(prompts)} prompts on {world} rank(s): base"
+                  + (f" vs {args.label} ({args.lora_dir})" if args.lora_dir else ""))
+
+    wan = sample.load_wan(args.model, device)
+    models = reward.load_reward_models(args.reward_size, device)
+    dino, raft = load_dino(args.dino, device), load_raft(args.raft, device)
+    names = ["base"] + ([args.label] if args.lora_dir else [])
+    n_grid = min(args.grid, len(prompts))
+    tables = torch.zeros(len(names), len(prompts), len(KEYS), dtype=torch.float64)  # (M, N, K), own rows filled
+    thumbs = torch.zeros(len(names), n_grid, GRID_COLS, 3, *thumb_size(args.height, args.width))  # own videos
+    for m, name in enumerate(names):
+        if m == 1:
+            wan.transformer.load_lora_adapter(args.lora_dir, prefix="transformer", weight_name=sample.LORA_FILE)
+        for i in mine:
+            t0 = time.time()
+            video = sample.generate(wan, prompts[i], args.seed + i, frames=args.frames, height=args.height,
+                                    width=args.width, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                    text_len=args.text_len, negative_prompt=args.negative_prompt,
+                                    warp_mode=args.warp_mode, warp_strength=args.warp_strength)  # (F, 3, H, W)
+            t1 = time.time()
+            motions = noise_warp.parse_camera(prompts[i])
+            path = noise_warp.camera_path(motions, args.frames) if motions else None  # the request, from the words
+            row, why = evaluate_video(video, prompts[i], path, models, dino, raft, args)
+            tables[m, i] = torch.tensor([row[k] for k in KEYS], dtype=torch.float64)
+            if i < n_grid:
+                thumbs[m, i] = grid_frames(video.cpu())
+            if args.save_videos:
+                os.makedirs(os.path.join(args.out, "videos", name), exist_ok=True)
+                sample.save_video(os.path.join(args.out, "videos", name, f"{i:04d}.mp4"), video)
+            print(f"[rank {rank}] {name} #{i}: PSNR {row['PSNR']:.2f} RotErr {row['RotErr']:.1f} reward "
+                  f"{row['reward']:.3f} | sample {t1 - t0:.1f}s metrics {time.time() - t1:.1f}s"
+                  + (f" | {why}" if why else ""), flush=True)
+
+    # Each row was filled by exactly one rank (zeros elsewhere), so the sum is the table, exactly.
+    if dist.is_initialized():
+        for t in (tables, thumbs) if n_grid else (tables,):
+            buf = t.to(device)
+            dist.all_reduce(buf)
+            t.copy_(buf.cpu())
+    if common.is_main():
+        means, delta, per_motion = summarize(names, tables, prompts)
+        rows = per_prompt_rows(names, tables, prompts, args.seed)
+        write_markdown(os.path.join(args.out, "results.md"), args, names, means, delta, per_motion,
+                               len(prompts))
+        write_json(os.path.join(args.out, "results.json"), args, names, means, delta, per_motion, rows)
+        write_csv(os.path.join(args.out, "per_prompt.csv"), rows)
+        plot_bars(os.path.join(args.out, "bars.png"), names, means)
+        plot_motions(os.path.join(args.out, "motions.png"), names, per_motion)
+        if n_grid:
+            plot_frames(os.path.join(args.out, "frames.png"), names, thumbs, prompts)
+        if args.curves:
+            plot_curves(os.path.join(args.out, "curves.png"), args.curves)
+        print("\n".join(markdown_table([(n, means[n]) for n in names], MAIN_KEYS, delta)))
+        print(f"wrote {args.out}/ (results.md, results.json, per_prompt.csv, plots) in {time.time() - t_start:.1f}s")
+    common.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main()

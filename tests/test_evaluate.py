@@ -1,0 +1,371 @@
+"""
+evaluate.py: the metrics against independent references and analytic values, a tiny end-to-end run (base vs a
+LoRA checkpoint) that writes every output, the same numbers from 1 and 2 processes, and the input checks.
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_evaluate.py -v
+
+About a minute on 2 CPU cores (the two-process run is the slow part); no downloads.
+"""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+import evaluate
+import noise_warp
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["Camera orbit left. A stone lighthouse on a cliff above the sea.",
+           "Camera push in, then pan right. A red house near a river, tall trees behind it.",
+           "A dog in a green field under a blue sky."]  # no camera words: camera metrics n/a
+FAST = ["--limit", "3", "--steps", "2", "--grid", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PSNR and SSIM against independent float64 references
+
+
+def ssim_reference(x, y, sigma=1.5, radius=5, k1=0.01, k2=0.03):
+    """Wang et al. 2004 SSIM written out in numpy float64: 11x11 Gaussian window over every pixel of the image
+    reflect-padded by 5 (numpy's 'reflect' = torch's), biased local moments, mean over pixels and channels.
+    x, y (C, H, W) in [0, 1]."""
+    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2, out = k1 ** 2, k2 ** 2, []
+    for a, b in zip(x, y):
+        win = lambda img: sliding_window_view(np.pad(img, radius, mode="reflect"), w.shape)  # (H, W, 11, 11)
+        pa, pb = win(a), win(b)
+        mu_a, mu_b = (pa * w).sum((-1, -2)), (pb * w).sum((-1, -2))
+        va = np.maximum((pa * pa * w).sum((-1, -2)) - mu_a ** 2, 0)
+        vb = np.maximum((pb * pb * w).sum((-1, -2)) - mu_b ** 2, 0)
+        cov = (pa * pb * w).sum((-1, -2)) - mu_a * mu_b
+        out.append(((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(out))
+
+
+def test_psnr_analytic_for_a_constant_offset_and_against_numpy():
+    gen = torch.Generator().manual_seed(0)
+    target = 0.9 * torch.rand(3, 3, 24, 32, generator=gen, dtype=torch.float64)
+    psnr, _ = evaluate.image_metrics(target + 0.1, target)  # MSE = 0.01 -> 10 log10(1 / 0.01) = 20 dB
+    # torchmetrics takes ln(10) in float32: agreement to ~1e-6 dB, whatever the input precision
+    torch.testing.assert_close(psnr, torch.full((3,), 20.0, dtype=torch.float64), rtol=0, atol=1e-5)
+    pred = (target + 0.05 * torch.randn(target.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    psnr, _ = evaluate.image_metrics(pred, target)
+    ref = [10 * np.log10(1 / np.mean((p.numpy() - t.numpy()) ** 2)) for p, t in zip(pred, target)]
+    np.testing.assert_allclose(psnr.numpy(), ref, rtol=0, atol=1e-5)
+
+
+def test_ssim_against_a_direct_float64_implementation():
+    gen = torch.Generator().manual_seed(1)
+    coarse = torch.rand(2, 3, 5, 7, generator=gen, dtype=torch.float64)
+    target = torch.nn.functional.interpolate(coarse, size=(20, 28), mode="bilinear")  # smooth, like a frame
+    # a darker, noisy copy: SSIM well inside (0, 1)
+    pred = (0.8 * target + 0.15 * torch.rand(target.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    _, ssim = evaluate.image_metrics(pred, target)
+    ref = [ssim_reference(p.numpy(), t.numpy()) for p, t in zip(pred, target)]
+    assert 0.05 < min(ref) and max(ref) < 0.95
+    np.testing.assert_allclose(ssim.numpy(), ref, rtol=0, atol=1e-9)
+    _, same = evaluate.image_metrics(target, target)
+    torch.testing.assert_close(same, torch.ones(2, dtype=torch.float64))
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    """Flat images a, b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) exactly, C1 = 0.01^2."""
+    a, b = 0.3, 0.7
+    _, ssim = evaluate.image_metrics(torch.full((1, 3, 16, 16), b, dtype=torch.float64),
+                                     torch.full((1, 3, 16, 16), a, dtype=torch.float64))
+    assert abs(ssim.item() - (2 * a * b + 1e-4) / (a * a + b * b + 1e-4)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Camera metrics: zero, and analytic values
+
+
+def rot_y(deg):
+    return noise_warp._rot_y(torch.tensor(float(deg), dtype=torch.float64))
+
+
+def straight(F, direction, length):
+    P = torch.eye(4, dtype=torch.float64).repeat(F, 1, 1)
+    P[:, :3, 3] = torch.linspace(0, length, F, dtype=torch.float64)[:, None] * torch.tensor(direction).double()
+    return P
+
+
+def test_camera_metrics_zero_for_identical_and_similarity_transformed_paths():
+    req = noise_warp.camera_path(["orbit_left", "push_in"], 17)
+    zero = dict(RotErr=0.0, TransErr=0.0, CamMC=0.0)
+    for k, v in evaluate.camera_metrics(req, req).items():
+        assert abs(v - zero[k]) < 1e-9, k
+    # the same path in another world frame and at another scale (a monocular reconstruction's freedom)
+    G = torch.eye(4, dtype=torch.float64)
+    c, s = math.cos(0.4), math.sin(0.4)
+    rot_x = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
+    G[:3, :3], G[:3, 3] = rot_y(37) @ rot_x, torch.tensor([5.0, -2, 9], dtype=torch.float64)
+    est = req.clone()
+    est[:, :3, 3] *= 0.01
+    est = G @ est
+    for k, v in evaluate.camera_metrics(est, req).items():
+        assert abs(v) < 1e-6, k
+
+
+def test_camera_metrics_known_rotation_offset():
+    """Each estimated frame j >= 1 turned a further 10 deg about y: RotErr = (F - 1) 10 deg, TransErr = 0,
+    CamMC = (F - 1) |Ry(10) - I|_F = (F - 1) 2 sqrt(2) sin(5 deg)."""
+    F = 9
+    req = straight(F, (0, 0, 1), 600.0)
+    est = req.clone()
+    est[1:, :3, :3] = req[1:, :3, :3] @ rot_y(10)
+    m = evaluate.camera_metrics(est, req)
+    assert abs(m["RotErr"] - (F - 1) * 10) < 1e-9
+    assert abs(m["TransErr"]) < 1e-12
+    assert abs(m["CamMC"] - (F - 1) * 2 * math.sqrt(2) * math.sin(math.radians(5))) < 1e-9
+
+
+def test_camera_metrics_known_scaled_translation():
+    """Scale alone is normalised away; a path along x against one along z (unit length each after normalising)
+    is off by sqrt(2) j / (F - 1) at frame j, so TransErr = CamMC = sqrt(2) F / 2."""
+    F = 9
+    req = straight(F, (0, 0, 1), 600.0)
+    m = evaluate.camera_metrics(straight(F, (0, 0, 1), 3.5), req)
+    assert max(abs(v) for v in m.values()) < 1e-7  # up to CamI2V's eps = 1e-9 in the scale
+    m = evaluate.camera_metrics(straight(F, (1, 0, 0), 3.5), req)
+    assert abs(m["RotErr"]) < 1e-12
+    assert abs(m["TransErr"] - math.sqrt(2) * F / 2) < 1e-7 and abs(m["CamMC"] - math.sqrt(2) * F / 2) < 1e-7
+    # a static request (pan) stays at t = 0; the estimate's drift then counts at full (normalised) size
+    pan = noise_warp.camera_path(["pan_right"], F)
+    assert evaluate.normalize_translation(pan)[:, :3, 3].abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VBench quality metrics: the definitions on known features / flows, and the tiny models
+
+
+class FixedFeatures(torch.nn.Module):
+    """A feature model that ignores the pixels and returns given CLS features (F, D)."""
+
+    def __init__(self, feats):
+        super().__init__()
+        self.feats, self.config = feats, SimpleNamespace(model_type="stub")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def forward(self, pixel_values):
+        tokens = torch.cat([self.feats[:, None], torch.zeros(len(self.feats), 3, self.feats.shape[1])], 1)
+        return SimpleNamespace(last_hidden_state=tokens)
+
+
+def test_subject_consistency_is_vbench_definition():
+    """Features at 0, 30, 60, 120 deg: previous-frame cosines 0.866, 0.866, 0.5; first-frame cosines 0.866, 0.5,
+    -0.5 -> clamped to 0. S = 100 mean((0.866 + 0.866) / 2, (0.866 + 0.5) / 2, (0.5 + 0) / 2)."""
+    ang = torch.deg2rad(torch.tensor([0.0, 30, 60, 120]))
+    feats = 3 * torch.stack([ang.cos(), ang.sin(), torch.zeros(4)], -1)  # norm 3: the definition normalises
+    c30, c60 = math.cos(math.radians(30)), 0.5
+    expected = 100 * ((c30 + c30) / 2 + (c30 + c60) / 2 + (c60 + 0) / 2) / 3
+    got = evaluate.subject_consistency(FixedFeatures(feats), torch.rand(4, 3, 40, 48), n_px=32)
+    assert abs(got - expected) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_subject_consistency_with_tiny_dino_models(kind):
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    dino = evaluate.build_tiny_dino() if kind == "vit" else Dinov2Model(Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8)).eval()
+    video = torch.rand(5, 3, 48, 80, generator=torch.Generator().manual_seed(0))
+    assert abs(evaluate.subject_consistency(dino, video[:1].expand(5, -1, -1, -1), 32) - 100) < 1e-3
+    s = evaluate.subject_consistency(dino, video, 32)
+    assert 0 <= s < 100
+
+
+class FixedFlow(torch.nn.Module):
+    """A flow model whose flow for pair p is a constant (mag_p, 0) field."""
+
+    def __init__(self, mags):
+        super().__init__()
+        self.mags, self.w = mags, torch.nn.Parameter(torch.zeros(()))
+        self.seen = 0
+
+    def forward(self, a, b, num_flow_updates):
+        m = self.mags[self.seen:self.seen + len(a)]
+        self.seen += len(a)
+        flow = torch.zeros(len(a), 2, *a.shape[-2:])
+        flow[:, 0] = m[:, None, None]
+        return [flow]
+
+
+def test_dynamic_degree_threshold_rule():
+    """17 frames at 16 fps -> frames 0, 2, .., 16 (n = 9): 8 pairs, count = round(4 * 9 / 16) = 2, threshold
+    6 * 128 / 256 = 3 px at 128x160. Two pairs over it: moving; one: static. Flow = mean of the pair scores."""
+    video = torch.rand(17, 3, 128, 160)
+    mags = torch.tensor([0.5, 4.0, 0.1, 0.2, 3.5, 0.0, 0.3, 0.1])
+    moving, flow = evaluate.dynamic_degree(FixedFlow(mags), video, chunk=3)
+    assert moving == 100.0 and abs(flow - mags.mean().item()) < 1e-6
+    moving, _ = evaluate.dynamic_degree(FixedFlow(torch.tensor([0.5, 4.0, 0.1, 0.2, 2.9, 0.0, 0.3, 0.1])), video)
+    assert moving == 0.0
+
+
+def test_dynamic_degree_runs_tiny_raft_on_a_tiny_video():
+    raft = evaluate.load_raft("small", torch.device("cpu"))
+    still = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).expand(9, -1, -1, -1)
+    moving, flow = evaluate.dynamic_degree(raft, still, iters=2)
+    assert moving in (0.0, 100.0) and math.isfinite(flow)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: a fake LoRA checkpoint, 1 process in-process, 2 processes under torchrun
+
+
+def make_run(folder):
+    """A train.py-shaped run folder: ckpt_000005/{state.json, lora/}, `latest`, metrics.jsonl. The LoRA is
+    peft's, with random B matrices so the checkpoint's videos differ from the base model's."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    wan = sample.build_tiny()
+    wan.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in wan.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    ckpt = folder / "ckpt_000005"
+    WanPipeline.save_lora_weights(str(ckpt / "lora"), transformer_lora_layers=get_peft_model_state_dict(
+        wan.transformer), transformer_lora_adapter_metadata=wan.transformer.peft_config["default"].to_dict())
+    config = dict(size="tiny", model=None, frames=9, height=64, width=64, steps=10, text_len=64, guidance=5.0,
+                  negative_prompt="", warp_mode="init", warp_strength=None, reward_size="tiny", w_3d=1.0, w_gen=1.0,
+                  gen_frames=4, gen_scale=0.1, meta_angle=15.0, traj_rot_scale=10.0)
+    (ckpt / "state.json").write_text(json.dumps(dict(step=5, ema_updates=12, world=1, config=config)))
+    (folder / "latest").write_text("ckpt_000005")
+    with open(folder / "metrics.jsonl", "w") as f:
+        for step in range(6):
+            f.write(json.dumps(dict(step=step, phase="dynamic" if step == 3 else "main", reward=1 + 0.1 * step,
+                                    S_meta=0.4, S_recon=0.8, S_traj=0.1 * step, R_gen=0.01, kl=1e-4 * step,
+                                    loss=-0.01, clip_frac_0=0.0, t_rollout=1.0)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prompts") / "p.txt"
+    f.write_text("\n".join(PROMPTS) + "\n\n")
+    return f
+
+
+@pytest.fixture(scope="module")
+def one_process(run_dir, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two torchrun ranks on a 2-core box: same kernels, same sums
+    try:
+        evaluate.main(["--ckpt", str(run_dir), "--prompts", str(prompt_file), "--out", str(out),
+                       "--curves", str(run_dir), "--save_videos", *FAST])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_end_to_end_writes_every_output(one_process):
+    out = one_process
+    for name in ("results.md", "results.json", "per_prompt.csv", "bars.png", "motions.png", "frames.png", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert sorted(os.listdir(out / "videos" / "ckpt_000005")) == ["0000.mp4", "0001.mp4", "0002.mp4"]
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    for col in ("PSNR↑", "SSIM↑", "LPIPS↓", "RotErr°↓", "TransErr↓", "CamMC↓", "HPSv3↑", "SubjCons%↑", "DynDeg%"):
+        assert col in header
+    for row in ("| base |", "| ckpt_000005 |", "| Δ (ckpt − base) |", "| orbit_left |", "| (none) |"):
+        assert row in md, row
+
+    res = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in res["models"]] == ["base", "ckpt_000005"] and res["config"]["ckpt_step"] == 5
+    assert set(res["models"][0]["means"]) == set(evaluate.KEYS) and set(res["delta"]) == set(evaluate.KEYS)
+    assert res["config"]["frames"] == 9 and res["config"]["text_len"] == 64  # taken from the checkpoint's config
+    base, ckpt = (m["means"] for m in res["models"])
+    for k in ("PSNR", "SSIM", "LPIPS", "SubjCons", "reward", "HPSv3"):
+        assert math.isfinite(base[k]) and math.isfinite(ckpt[k]), k
+        assert abs(res["delta"][k] - (ckpt[k] - base[k])) < 1e-12
+    assert any(abs(res["delta"][k]) > 1e-6 for k in ("PSNR", "LPIPS", "reward"))  # the LoRA changed the videos
+    assert base["R_gen"] == pytest.approx(0.1 * base["HPSv3"], rel=1e-5)
+
+    with open(out / "per_prompt.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(PROMPTS)
+    assert list(rows[0]) == ["index", "model", "seed", "motions", "prompt", *evaluate.KEYS]
+    assert [(r["model"], r["index"], r["seed"]) for r in rows[:3]] == [("base", "0", "0"), ("base", "1", "1"),
+                                                                       ("base", "2", "2")]
+    assert rows[0]["motions"] == "orbit_left" and rows[1]["motions"] == "push_in pan_right"
+    assert rows[2]["RotErr"] == "nan" and rows[0]["RotErr"] != "nan"  # no camera words: no camera metrics
+
+
+def test_one_and_two_processes_give_the_same_numbers(one_process, run_dir, prompt_file, tmp_path):
+    out = tmp_path / "eval2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
+           "--ckpt", str(run_dir), "--prompts", str(prompt_file), "--out", str(out), *FAST]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "[rank 1]" in proc.stdout  # the prompts really were split
+    one, two = (json.loads((d / "results.json").read_text()) for d in (one_process, out))
+    assert len(one["per_prompt"]) == len(two["per_prompt"]) == 2 * len(PROMPTS)
+    for a, b in zip(one["per_prompt"], two["per_prompt"]):
+        assert (a["model"], a["index"], a["prompt"]) == (b["model"], b["index"], b["prompt"])
+        for k in evaluate.KEYS:
+            assert (a[k] is None) == (b[k] is None), k
+            if a[k] is not None:
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), (k, a["model"], a["index"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input stops at once, before any model loads
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    monkeypatch.setattr(sample, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+
+
+def test_bad_inputs_stop_before_loading(no_models, run_dir, prompt_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    no_lora = tmp_path / "ckpt_000001"
+    no_lora.mkdir()
+    (no_lora / "state.json").write_text("{}")
+    ok = ["--prompts", str(prompt_file), "--out", str(tmp_path / "o")]
+    cases = [
+        (["--ckpt", str(tmp_path / "missing")], "does not exist"),
+        (["--ckpt", str(tmp_path)], "no state.json"),
+        (["--ckpt", str(no_lora)], "no lora/"),
+        (["--lora", str(tmp_path)], "has no pytorch_lora_weights"),
+        (["--ckpt", str(run_dir), "--lora", str(tmp_path)], "not both"),
+        (["--ckpt", str(run_dir), "--size", "small"], "trained at --size=tiny"),
+        (["--prompts", str(empty)], "no prompts"),
+        (["--prompts", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--out", str(blocker / "sub")], "cannot create the folder"),
+        (["--curves", str(tmp_path)], "no metrics.jsonl"),
+        (["--frames", "10"], "4k+1"),
+        (["--model", str(tmp_path / "no_model")], "diffusers folder"),
+        (["--limit", "0"], "at least 1"),
+        (["--ckpts", str(run_dir)], "did you mean --ckpt"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(ok + argv)
+        assert message in str(e.value.code), (argv, e.value.code)
+        assert "\n" not in str(e.value.code)
