@@ -45,13 +45,15 @@ import sample
 SIZES = {
     "tiny": dict(model=None, frames=9, height=64, width=64, steps=10, text_len=64, group_size=4,
                  prompts_per_rank=2, micro_batch=8, lr=1e-2, lora_rank=8, lora_alpha=16, fsdp=False,
-                 eval_every=3, save_every=1, max_steps=3, reward_size="tiny"),
+                 eval_every=3, save_every=1, max_steps=3, reward_size="tiny", grad_checkpointing=False),
     "small": dict(model=sample.HUB["small"], frames=81, height=480, width=832, steps=20, text_len=512,
                   group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64,
-                  fsdp=False, eval_every=30, save_every=60, max_steps=3000, reward_size="small"),
+                  fsdp=False, eval_every=30, save_every=60, max_steps=3000, reward_size="small",
+                  grad_checkpointing=True),
     "large": dict(model=sample.HUB["large"], frames=81, height=480, width=832, steps=20, text_len=512,
                   group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64,
-                  fsdp=True, eval_every=30, save_every=60, max_steps=3000, reward_size="large"),
+                  fsdp=True, eval_every=30, save_every=60, max_steps=3000, reward_size="large",
+                  grad_checkpointing=True),
 }
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -87,6 +89,8 @@ p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha")
 p.add_argument("--full_finetune", action="store_true", help="train all weights (reference = a frozen copy)")
 p.add_argument("--ema_decay", type=float, default=0.9, help="EMA of the trained weights, used for eval and export")
 p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="FSDP2 instead of DDP")
+p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+               help="recompute each block's activations in backward (81x480x832 activations outgrow an H200)")
 p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite updates in a row")
 # rewards
 p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
@@ -188,6 +192,8 @@ else:
     from peft import LoraConfig
     raw.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+if args.grad_checkpointing:
+    raw.enable_gradient_checkpointing()
 trainable = {n: prm for n, prm in raw.named_parameters() if prm.requires_grad}
 for prm in trainable.values():
     prm.data = prm.data.float()  # optimizer state and updates in fp32, even when the base model runs in bf16

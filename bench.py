@@ -1,0 +1,231 @@
+"""
+Speed of every stage of one World-R1 RL step, and the figures BENCHMARKS.md records.
+
+    python bench.py                                   # tiny models on the CPU, every stage, ~1-2 min
+    python bench.py --stages warp_full                # the full 81x480x832 camera-noise warp (CPU: < 60 s)
+    python bench.py --size=small --random_weights     # GPU: Wan2.1-1.3B and real-size reward models, random weights
+    python bench.py --size=small --random_weights --release_config   # the release's schedule, same code
+
+Each stage is timed as the median of `--repeats` runs after one warm-up (CUDA events on GPU, perf_counter on
+CPU). FLOPs are counted from shapes: a transformer forward is 2·params·tokens + 4·layers·tokens²·dim (the
+attention score and value matmuls), against the measured matmul peak of the device.
+"""
+import common  # noqa: F401  (first: the CPU torchvision fix)
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import grpo
+import noise_warp
+import sample
+
+# Wan2.1 transformer configs (the checkpoints' transformer/config.json)
+WAN_CONFIGS = {
+    "small": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096,
+                  freq_dim=256, in_channels=16, out_channels=16, patch_size=(1, 2, 2), cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=1024),
+    "large": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096,
+                  freq_dim=256, in_channels=16, out_channels=16, patch_size=(1, 2, 2), cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=1024),
+}
+# The release's rollout schedule (release-facts §4, §5.3): 50 full UniPC steps per sample, groups of 2,
+# the first 24 steps trained for every sample, one optimizer step per epoch.
+RELEASE = dict(steps=50, group_size=2, trained_steps=24, updates_per_epoch=1)
+
+
+def timeit(fn, repeats=3, warmup=1):
+    """Median seconds of fn() after `warmup` calls; CUDA-synchronised when a GPU is present."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, n=None):
+    """Measured dense matmul throughput (FLOP/s): the denominator of every utilisation figure."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timeit(lambda: a @ b, repeats=5, warmup=2)
+
+
+def transformer_flops(transformer, tokens, batch):
+    """2·params·tokens for every weight matmul + 4·layers·tokens²·dim for attention, per forward of `batch`."""
+    cfg = transformer.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    params = sum(p.numel() for p in transformer.blocks.parameters())
+    return batch * (2 * params * tokens + 4 * cfg.num_layers * tokens**2 * dim)
+
+
+def tokens_of(shape, transformer):
+    _, t, h, w = shape
+    pt, ph, pw = transformer.config.patch_size
+    return (t // pt) * (h // ph) * (w // pw)
+
+
+def random_wan(size, device):
+    """Real Wan2.1 architecture with random weights (no download): the transformer from its config, bf16;
+    the tiny VAE/UMT5 stand in for the others unless the real ones are cached."""
+    from diffusers import WanTransformer3DModel
+
+    wan = sample.build_tiny()
+    with torch.device(device):
+        wan.transformer = WanTransformer3DModel(**WAN_CONFIGS[size]).to(torch.bfloat16).eval().requires_grad_(False)
+    return wan
+
+
+def forward_passes(steps, group, window, release=False):
+    """Transformer forward passes (CFG pair counted as 2, as the release runs them) to roll out one group and
+    recompute its trained log-probs, with the reference pass for the KL. Ours: the prefix is shared by the group."""
+    if release:
+        rollout = group * RELEASE["steps"] * 2
+        train = group * RELEASE["trained_steps"] * 2 * 2  # policy + reference, each with CFG
+        return rollout, train
+    start = steps // 4  # the window's expected start in the first half
+    rollout = 2 * start + group * 2 * (steps - start)
+    train = group * window * 2 * 2
+    return rollout, train
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description="Benchmark every stage of one RL step.")
+    ap.add_argument("--size", choices=["tiny", "small", "large"], default="tiny", help="model and video size")
+    ap.add_argument("--random_weights", action="store_true", help="real architectures, random weights (GPU)")
+    ap.add_argument("--release_config", action="store_true", help="also time the release's rollout schedule")
+    ap.add_argument("--stages", default="all", help="comma list: encode,step,loop,decode,warp,warp_full,rollout,"
+                                                    "passes,train,reward")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per stage (median)")
+    ap.add_argument("--group_size", type=int, default=8, help="videos per group")
+    ap.add_argument("--steps", type=int, default=None, help="rollout steps (default 20, tiny 10)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    stages = set(args.stages.split(",")) if args.stages != "all" else {
+        "encode", "step", "loop", "decode", "warp", "rollout", "passes", "train", "reward"}
+
+    rows = []
+    steps = args.steps or (10 if args.size == "tiny" else 20)
+    if "passes" in stages:  # arithmetic only: runs before (and without) any model
+        ours, ours_train = forward_passes(steps, args.group_size, 2)
+        rel, rel_train = forward_passes(steps, RELEASE["group_size"], RELEASE["trained_steps"], release=True)
+        G, Gr = args.group_size, RELEASE["group_size"]
+        print(f"forward passes per sample ({steps} steps, group {G}): ours {ours / G:.1f} rollout + "
+              f"{ours_train / G:.1f} train = {(ours + ours_train) / G:.1f};  release {rel / Gr:.1f} rollout + "
+              f"{rel_train / Gr:.1f} train = {(rel + rel_train) / Gr:.1f}  "
+              f"({(rel + rel_train) / Gr / ((ours + ours_train) / G):.1f}x fewer)", flush=True)
+        rows.append(dict(stage="forward passes per sample", ours=(ours + ours_train) / G,
+                         release=(rel + rel_train) / Gr))
+        if stages == {"passes"}:
+            return
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    preset = sample.SIZES[args.size]
+    frames, height, width = preset["frames"], preset["height"], preset["width"]
+    shape = sample.latent_shape(frames, height, width)
+    wan = random_wan(args.size, device) if args.random_weights else sample.load_wan(preset["model"], device)
+    wan.text_encoder.to(device)
+    wan.vae.to(device)
+    tr = wan.transformer
+    dtype = next(tr.parameters()).dtype
+    peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokens = tokens_of(shape, tr)
+
+    def row(stage, seconds, flops=None, note=""):
+        r = dict(stage=stage, seconds=seconds, note=note)
+        if flops:
+            r.update(tflops=flops / seconds / 1e12, util=flops / seconds / peak)
+        if device.type == "cuda":
+            r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(r)
+        util = f"  {r['tflops']:.2f} TFLOP/s ({100 * r['util']:.0f}% of peak)" if flops else ""
+        print(f"{stage:28s} {seconds:9.4f} s{util}  {note}", flush=True)
+
+    prompt = "Camera orbit left, then push in. A stone lighthouse on a cliff above a dark sea, gulls below."
+    cond = sample.encode(wan, [prompt], preset["text_len"]).to(dtype)
+    uncond = sample.encode(wan, [""], preset["text_len"]).to(dtype)
+    x = torch.randn(1, *shape, device=device)
+    sigmas = sample.flow_sigmas(steps, 3.0)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}, "
+          f"{torch.get_num_threads()} threads), matmul peak {peak / 1e12:.2f} TFLOP/s, size {args.size}, "
+          f"video {frames}x{height}x{width}, latent {shape}, {tokens} tokens")
+
+    if "encode" in stages:
+        row("prompt encoding", timeit(lambda: sample.encode(wan, [prompt], preset["text_len"]), args.repeats))
+    if "step" in stages:
+        with torch.no_grad():
+            row("transformer step (CFG)", timeit(lambda: sample.velocity(tr, x, 0.5, cond, uncond, 5.0), args.repeats),
+                transformer_flops(tr, tokens, 2))
+    if "loop" in stages:
+        row(f"sampling loop ({steps} Euler)", timeit(lambda: sample.denoise(tr, x, cond, uncond, sigmas, 5.0),
+                                                     args.repeats), steps * transformer_flops(tr, tokens, 2))
+    if "decode" in stages:
+        lat = torch.randn(1, *shape, device=device)
+        row("VAE decode", timeit(lambda: sample.decode(wan.vae, lat), args.repeats))
+    if "warp" in stages:
+        g = torch.Generator(device).manual_seed(0)
+        row("camera noise warp", timeit(lambda: noise_warp.warped_noise(prompt, shape, g, device=device), args.repeats),
+            note=f"warp grid {shape[2] * 16}x{shape[3] * 16}")
+    if "warp_full" in stages:
+        g = torch.Generator(device).manual_seed(0)
+        full = sample.latent_shape(81, 480, 832)
+        row("camera noise warp 81x480x832", timeit(lambda: noise_warp.warped_noise(prompt, full, g, device=device),
+                                                   1, 0), note="warp grid 960x1664, 16 channels, 80 steps")
+    if "rollout" in stages:
+        G = args.group_size
+
+        def group():
+            return sample.rollout(tr, cond, uncond, x, sigmas, 5.0, group_size=G, window_start=steps // 4,
+                                  window_size=2, generator=torch.Generator(device).manual_seed(0))
+        passes, _ = forward_passes(steps, G, 2)
+        row(f"rollout group of {G} ({steps} steps)", timeit(group, args.repeats),
+            passes / 2 * transformer_flops(tr, tokens, 2))
+        if args.release_config:
+            xs = x.expand(RELEASE["group_size"], -1, -1, -1, -1)
+            rs = sample.flow_sigmas(RELEASE["steps"], 3.0)
+            row(f"release group of {RELEASE['group_size']} (50 UniPC)",
+                timeit(lambda: sample.denoise(tr, xs, cond.expand(2, -1, -1), uncond.expand(2, -1, -1), rs, 5.0,
+                                              scheduler=wan.scheduler), args.repeats),
+                RELEASE["steps"] * transformer_flops(tr, tokens, 2 * RELEASE["group_size"]))
+    if "train" in stages:
+        from peft import LoraConfig
+        if not getattr(tr, "peft_config", None):
+            tr.add_adapter(LoraConfig(r=32 if args.size != "tiny" else 8, lora_alpha=64 if args.size != "tiny" else 16,
+                                      init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        xb, xn = x.expand(1, -1, -1, -1, -1), x.expand(1, -1, -1, -1, -1) * 0.99
+
+        def micro_step():
+            logp, mean, std = sample.step_log_prob(tr, xb, xn, 0.8, 0.75, cond, uncond, 5.0, 0.7, float(sigmas[1]))
+            loss, _, _ = grpo.policy_loss(logp, logp.detach(), torch.ones(1, device=device), 1e-3)
+            loss.backward()
+        row("train micro-step (fwd+bwd, CFG)", timeit(micro_step, args.repeats),
+            3 * transformer_flops(tr, tokens, 2), note="LoRA; backward counted as 2x forward")
+    if "reward" in stages:
+        import reward
+        models = reward.load_reward_models("tiny" if args.size == "tiny" else args.size, device)
+        video = torch.rand(args.group_size if args.size == "tiny" else 1, frames, 3, height, width, device=device)
+        path = noise_warp.camera_path(noise_warp.parse_camera(prompt), frames)
+        row(f"reward.score ({video.shape[0]} videos)",
+            timeit(lambda: reward.score(models, video, [prompt] * len(video), [path] * len(video)), args.repeats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=str(device), size=args.size, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
