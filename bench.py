@@ -34,6 +34,25 @@ WAN_CONFIGS = {
                   freq_dim=256, in_channels=16, out_channels=16, patch_size=(1, 2, 2), cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=1024),
 }
+# The reward models' and UMT5's real shapes (the main fields of the hub checkpoints' config.json), so a GPU can time
+# real-size stages with random weights and no download. tests/test_bench.py checks the parameter counts.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+QWEN3_VL_4B = dict(
+    text_config=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                      "mrope_interleaved": True}),
+    vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+    tie_word_embeddings=True)
+QWEN2_VL_7B = dict(  # HPSv3's backbone
+    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2))
 # The release's rollout schedule (release-facts §4, §5.3): 50 full UniPC steps per sample, groups of 2,
 # the first 24 steps trained for every sample, one optimizer step per epoch.
 RELEASE = dict(steps=50, group_size=2, trained_steps=24, updates_per_epoch=1)
@@ -81,15 +100,59 @@ def tokens_of(shape, transformer):
     return (t // pt) * (h // ph) * (w // pw)
 
 
-def random_wan(size, device):
-    """Real Wan2.1 architecture with random weights (no download): the transformer from its config, bf16;
-    the tiny VAE/UMT5 stand in for the others unless the real ones are cached."""
-    from diffusers import WanTransformer3DModel
+def random_wan(size, device, dtype=torch.bfloat16):
+    """Real Wan2.1 shapes with random weights (no download): the transformer from its config, the Wan2.1 VAE
+    (diffusers' AutoencoderKLWan defaults are its config) and a UMT5-XXL encoder, built in place in `dtype`; the
+    tiny tokenizer stands in for UMT5's (token ids do not change the cost)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     wan = sample.build_tiny()
-    with torch.device(device):
-        wan.transformer = WanTransformer3DModel(**WAN_CONFIGS[size]).to(torch.bfloat16).eval().requires_grad_(False)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            wan.transformer = WanTransformer3DModel(**WAN_CONFIGS[size]).eval().requires_grad_(False)
+            wan.vae = AutoencoderKLWan().eval().requires_grad_(False)
+            wan.text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
     return wan
+
+
+def random_reward_models(device, dtype=torch.bfloat16):
+    """The real-size critics with random weights: DA3-giant (its registry preset), Qwen3-VL-4B, HPSv3 on
+    Qwen2-VL-7B, LPIPS AlexNet; the tiny tokenizers and processors at the real image sizes."""
+    import lpips
+    import reward
+    from transformers import Qwen2VLConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    _, qwen_proc = reward.build_tiny_qwen()
+    _, hps_proc = reward.build_tiny_hpsv3()
+    for proc, patch in ((qwen_proc, 16), (hps_proc, 14)):  # real resolutions: 256..16384 merged patches
+        proc.image_processor.size = {"shortest_edge": 256 * (2 * patch) ** 2, "longest_edge": 16384 * (2 * patch) ** 2}
+    if torch.device(device).type == "meta":  # shapes only (tests): DA3's constructor calls .item()
+        from accelerate import init_empty_weights
+        with init_empty_weights():
+            da3, gs_cfg = reward.load_da3(None, device="cpu")
+    else:
+        da3, gs_cfg = reward.load_da3(None, device=device)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            qwen = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+                **QWEN3_VL_4B, **reward._vision_token_ids(qwen_proc.tokenizer)))
+            hps = reward.HPSv3Reward(Qwen2VLConfig(**QWEN2_VL_7B, **reward._vision_token_ids(hps_proc.tokenizer)),
+                                     hps_proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
+    finally:
+        torch.set_default_dtype(default)
+    hps.rm_head.float()  # as load_hpsv3: the head stays fp32
+    return reward.RewardModels(
+        da3=da3, gs_cfg=gs_cfg, qwen=qwen.eval().requires_grad_(False), qwen_proc=qwen_proc,
+        hps=hps.eval().requires_grad_(False), hps_proc=hps_proc,
+        lpips=lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval().to(device),
+        device=torch.device(device), process_res=504, hps_pixels=256 * 28 * 28)
 
 
 def forward_passes(steps, group, window, release=False):
@@ -117,6 +180,8 @@ def main(argv):
     ap.add_argument("--steps", type=int, default=None, help="rollout steps (default 20, tiny 10)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.random_weights and args.size == "tiny":
+        raise SystemExit("error: --random_weights builds the real sizes; use it with --size=small or --size=large")
     stages = set(args.stages.split(",")) if args.stages != "all" else {
         "encode", "step", "loop", "decode", "warp", "rollout", "passes", "train", "reward"}
 
@@ -217,7 +282,7 @@ def main(argv):
             3 * transformer_flops(tr, tokens, 2), note="LoRA; backward counted as 2x forward")
     if "reward" in stages:
         import reward
-        models = reward.load_reward_models("tiny" if args.size == "tiny" else args.size, device)
+        models = random_reward_models(device) if args.random_weights else reward.load_reward_models(args.size, device)
         video = torch.rand(args.group_size if args.size == "tiny" else 1, frames, 3, height, width, device=device)
         path = noise_warp.camera_path(noise_warp.parse_camera(prompt), frames)
         row(f"reward.score ({video.shape[0]} videos)",

@@ -112,24 +112,27 @@ def load_da3(repo="depth-anything/DA3-GIANT", preset="da3-giant", device="cpu"):
     """DA3 network built from the package's registry preset (the one named in the repo's config.json if any),
     weights from `model.safetensors`. That file was written by huggingface_hub's save_model from DA3's wrapper,
     which keeps the network at `.model` and stores tensors its heads share only once, so we load it the same way
-    (safetensors' load_model, strict) into a holder with the same layout."""
+    (safetensors' load_model, strict) into a holder with the same layout. repo=None: the preset with random
+    weights (bench.py's real-size timings)."""
     from depth_anything_3.cfg import create_object, load_config
     from depth_anything_3.registry import MODEL_REGISTRY
     from omegaconf import OmegaConf
     from huggingface_hub.errors import EntryNotFoundError
     from safetensors.torch import load_model
     try:
-        with open(_hub_file(repo, "config.json")) as f:
-            preset = json.load(f).get("model_name", preset)
+        if repo is not None:
+            with open(_hub_file(repo, "config.json")) as f:
+                preset = json.load(f).get("model_name", preset)
     except (OSError, ValueError, EntryNotFoundError):
         pass  # no (readable) config.json: keep the preset argument
     cfg = OmegaConf.to_container(load_config(MODEL_REGISTRY[preset]))
     gs_head, gs_adapter = cfg.pop("gs_head", None), cfg.pop("gs_adapter", None)
     with torch.device(device):  # build where it will run: no 4.5 GB random init on the host
         net, gs_cfg = _attach_gs_head(create_object(OmegaConf.create(cfg)), gs_head, gs_adapter)
-    holder = nn.Module()
-    holder.model = net
-    load_model(holder, _hub_file(repo, "model.safetensors"), strict=True, device=str(device))
+    if repo is not None:
+        holder = nn.Module()
+        holder.model = net
+        load_model(holder, _hub_file(repo, "model.safetensors"), strict=True, device=str(device))
     return net.requires_grad_(False), gs_cfg
 
 

@@ -1,0 +1,55 @@
+"""bench.py: its pass arithmetic against the real rollout, the real-size shapes it times on a GPU (built on the meta
+device, so no memory and no download), and a tiny run.  Run: python -m pytest -q tests/test_bench.py"""
+import json
+
+import pytest
+import torch
+
+import bench
+import sample
+
+
+def test_forward_pass_count_matches_the_rollout():
+    """bench.forward_passes (per-sample forwards, CFG = 2) equals what sample.rollout actually runs."""
+    wan = sample.build_tiny(0)
+    seen = []
+    real = wan.transformer.forward
+    wan.transformer.forward = lambda hidden_states, **kw: (seen.append(hidden_states.shape[0]), real(
+        hidden_states=hidden_states, **kw))[1]
+    steps, group = 10, 8
+    cond = sample.encode(wan, ["a cup"], 16)
+    sample.rollout(wan.transformer, cond, sample.encode(wan, [""], 16), torch.randn(1, 16, 3, 8, 8),
+                   sample.flow_sigmas(steps, 3.0), 5.0, group_size=group, window_start=steps // 4, window_size=2)
+    rollout, train = bench.forward_passes(steps, group, 2)
+    assert sum(seen) == rollout
+    assert train == group * 2 * 2 * 2  # window steps x (policy + reference) x CFG
+    assert bench.forward_passes(steps, 2, 24, release=True) == (2 * 50 * 2, 2 * 24 * 2 * 2)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters()) / 1e9
+
+
+def test_real_size_shapes_have_the_published_parameter_counts():
+    """Random real-size models on the meta device: Wan2.1 1.3B / 14B, its VAE, UMT5-XXL, DA3-giant, Qwen3-VL-4B,
+    HPSv3 (Qwen2-VL-7B + head). Ranges around the model cards' sizes catch a wrong config field."""
+    small = bench.random_wan("small", "meta")
+    assert 1.3 < count(small.transformer) < 1.5
+    assert 0.1 < count(small.vae) < 0.15
+    assert 5.5 < count(small.text_encoder) < 5.9
+    assert 13.5 < count(bench.random_wan("large", "meta").transformer) < 15.0
+    models = bench.random_reward_models("meta")
+    assert 1.1 < count(models.da3) < 1.4  # with the Gaussian head
+    assert 4.3 < count(models.qwen) < 4.6  # 4.44B, input and output embeddings tied
+    assert 7.6 < count(models.hps) < 7.9  # Qwen2-VL-7B's 8.29B less its unused LM head (0.55B)
+
+
+def test_tiny_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--stages", "step,rollout,passes", "--repeats", "1", "--release_config", "--json", str(out)])
+    rows = {r["stage"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["forward passes per sample"] == {"stage": "forward passes per sample", "ours": 24.5, "release": 196.0}
+    assert any(k.startswith("release group") for k in rows) and all(
+        r["seconds"] > 0 for k, r in rows.items() if "seconds" in r)
+    with pytest.raises(SystemExit, match="--size=small"):
+        bench.main(["--random_weights"])
