@@ -87,11 +87,24 @@ def matmul_peak(device, dtype, n=None):
 
 
 def transformer_flops(transformer, tokens, batch):
-    """2·params·tokens for every weight matmul + 4·layers·tokens²·dim for attention, per forward of `batch`."""
+    """2·params·tokens for every weight matmul + 4·layers·tokens²·dim for attention, per forward of `batch`.
+    The cross-attention to the L text tokens is left out (its score term is L/tokens = 1.6% of the self-attention
+    at 832x480x81 with L = 512); tests/test_bench.py checks the rest against torch's FlopCounterMode."""
     cfg = transformer.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     params = sum(p.numel() for p in transformer.blocks.parameters())
     return batch * (2 * params * tokens + 4 * cfg.num_layers * tokens**2 * dim)
+
+
+def transformer_bytes(transformer, tokens, batch):
+    """Memory traffic of one forward of `batch`, a lower bound: every block weight read once, plus each block's
+    activations written and read once: q, k, v, attention out, the residual stream and the norms (about 12
+    tensors of tokens x dim) and the FFN's hidden layer (2 x tokens x ffn_dim), in the weights' dtype."""
+    cfg = transformer.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    size = next(transformer.parameters()).element_size()
+    weights = sum(p.numel() for p in transformer.blocks.parameters()) * size
+    return weights + batch * cfg.num_layers * tokens * (12 * dim + 2 * cfg.ffn_dim) * size
 
 
 def tokens_of(shape, transformer):
@@ -211,10 +224,13 @@ def main(argv):
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = tokens_of(shape, tr)
 
-    def row(stage, seconds, flops=None, note=""):
+    def row(stage, seconds, flops=None, note="", nbytes=None):
         r = dict(stage=stage, seconds=seconds, note=note)
         if flops:
             r.update(tflops=flops / seconds / 1e12, util=flops / seconds / peak)
+        if flops and nbytes:  # FLOP per byte moved: above the device's ridge point the stage can be compute-bound
+            r.update(gbytes=nbytes / 1e9, flop_per_byte=flops / nbytes)
+            note = f"{flops / nbytes:.0f} FLOP/byte " + note
         if device.type == "cuda":
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(r)
@@ -235,7 +251,7 @@ def main(argv):
     if "step" in stages:
         with torch.no_grad():
             row("transformer step (CFG)", timeit(lambda: sample.velocity(tr, x, 0.5, cond, uncond, 5.0), args.repeats),
-                transformer_flops(tr, tokens, 2))
+                transformer_flops(tr, tokens, 2), nbytes=transformer_bytes(tr, tokens, 2))
     if "loop" in stages:
         row(f"sampling loop ({steps} Euler)", timeit(lambda: sample.denoise(tr, x, cond, uncond, sigmas, 5.0),
                                                      args.repeats), steps * transformer_flops(tr, tokens, 2))

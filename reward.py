@@ -10,7 +10,7 @@ Gaussians (`lift`); we splat the Gaussians (`render`: gsplat on CUDA, a float64-
 CPU); S_recon = 1 - mean LPIPS(frame k, render at camera k); S_meta = Qwen3-VL's expected 0-9 grade of a render
 from an unseen "meta" view, / 9; S_traj compares the estimated camera path with the requested one.
 
-Departures from the official release (release-facts.md section 6-7; DESIGN.md says why):
+Departures from the official release (release-facts.md section 6-7; docs/DESIGN.md says why):
  1. Meta view: the middle estimated camera orbited `meta_angle` (15 deg) about its look-at point (optical axis at
     the frame's median depth), to the side away from where the estimated path went. The release renders the
     existing camera farthest from the origin, i.e. a view the video already shows.

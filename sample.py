@@ -30,7 +30,7 @@ import noise_warp
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py exports and diffusers' load_lora_weights reads
 HUB = {"small": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "large": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 
-# Size presets (DESIGN.md "Sizes"). Any flag given on the command line wins over its preset.
+# Size presets (docs/DESIGN.md "Sizes"). Any flag given on the command line wins over its preset.
 SIZES = {
     "tiny": dict(model=None, frames=9, height=64, width=64, steps=20, text_len=128),
     "small": dict(model=HUB["small"], frames=81, height=480, width=832, steps=50, text_len=512),

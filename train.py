@@ -12,7 +12,7 @@ ODE prefix and branch through an SDE window (sample.rollout) -> decode -> reward
 R_gen alone in the dynamic phase) -> group advantages -> `updates_per_epoch` optimizer steps over the window
 transitions, each log-prob recomputed with CFG under the current weights (clipped surrogate + β·KL to the
 LoRA-disabled model) -> EMA -> log -> eval -> checkpoint. Groups never leave their rank, so no gather is needed.
-Where we depart from the release (and why): DESIGN.md and the docstring of grpo.py.
+Where we depart from the paper and the release (and why): docs/DESIGN.md and the docstring of grpo.py.
 """
 import common  # noqa: F401  (first: the CPU torchvision fix)
 

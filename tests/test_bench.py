@@ -26,6 +26,20 @@ def test_forward_pass_count_matches_the_rollout():
     assert bench.forward_passes(steps, 2, 24, release=True) == (2 * 50 * 2, 2 * 24 * 2 * 2)
 
 
+def test_flop_formula_matches_torch_flop_counter():
+    """bench.transformer_flops against FlopCounterMode over a real CFG forward (math attention, so the counter sees
+    the attention matmuls), with a short prompt so the cross-attention the formula leaves out is negligible."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    tr = sample.build_tiny(0).transformer
+    for shape in ((16, 5, 32, 32), (16, 9, 32, 32)):  # 1280 and 2304 tokens: the quadratic term matters
+        cond = torch.randn(1, 16, tr.config.text_dim)
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            sample.velocity(tr, torch.randn(1, *shape), 0.5, cond, cond, 5.0)
+        formula = bench.transformer_flops(tr, bench.tokens_of(shape, tr), 2)
+        assert formula == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
 def count(module):
     return sum(p.numel() for p in module.parameters()) / 1e9
 
