@@ -10,7 +10,7 @@ Each stage is timed as the median of `--repeats` runs after one warm-up (CUDA ev
 CPU). FLOPs are counted from shapes: a transformer forward is 2·params·tokens + 4·layers·tokens²·dim (the
 attention score and value matmuls), against the measured matmul peak of the device.
 """
-import common  # noqa: F401  (first: the CPU torchvision fix)
+import common  # first: the CPU torchvision fix
 
 import argparse
 import json
@@ -121,15 +121,10 @@ def random_wan(size, device, dtype=torch.bfloat16):
     from transformers import UMT5Config, UMT5EncoderModel
 
     wan = sample.build_tiny()
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            wan.transformer = WanTransformer3DModel(**WAN_CONFIGS[size]).eval().requires_grad_(False)
-            wan.vae = AutoencoderKLWan().eval().requires_grad_(False)
-            wan.text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(default)
+    with common.build_in(device, dtype):
+        wan.transformer = WanTransformer3DModel(**WAN_CONFIGS[size]).eval().requires_grad_(False)
+        wan.vae = AutoencoderKLWan().eval().requires_grad_(False)
+        wan.text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval().requires_grad_(False)
     return wan
 
 
@@ -150,16 +145,11 @@ def random_reward_models(device, dtype=torch.bfloat16):
             da3, gs_cfg = reward.load_da3(None, device="cpu")
     else:
         da3, gs_cfg = reward.load_da3(None, device=device)
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            qwen = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
-                **QWEN3_VL_4B, **reward._vision_token_ids(qwen_proc.tokenizer)))
-            hps = reward.HPSv3Reward(Qwen2VLConfig(**QWEN2_VL_7B, **reward._vision_token_ids(hps_proc.tokenizer)),
-                                     hps_proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
-    finally:
-        torch.set_default_dtype(default)
+    with common.build_in(device, dtype):
+        qwen = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            **QWEN3_VL_4B, **reward._vision_token_ids(qwen_proc.tokenizer)))
+        hps = reward.HPSv3Reward(Qwen2VLConfig(**QWEN2_VL_7B, **reward._vision_token_ids(hps_proc.tokenizer)),
+                                 hps_proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
     hps.rm_head.float()  # as load_hpsv3: the head stays fp32
     return reward.RewardModels(
         da3=da3, gs_cfg=gs_cfg, qwen=qwen.eval().requires_grad_(False), qwen_proc=qwen_proc,

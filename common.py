@@ -3,6 +3,7 @@ The few things every script needs: the CPU torchvision fix, torchrun set-up, and
 
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
 """
+import contextlib
 import importlib.util
 import os
 import sys
@@ -38,6 +39,19 @@ def fix_torchvision():
 
 
 fix_torchvision()
+
+
+@contextlib.contextmanager
+def build_in(device, dtype):
+    """Create modules directly on `device` in `dtype`: a multi-billion-parameter model initialised in fp32 on the
+    host first would take minutes and twice the memory."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def setup_dist():

@@ -243,9 +243,7 @@ def image_metrics(pred, target):
 def recon_metrics(models, lf):
     """3D consistency (World-R1 Table 1): render all Gaussians at each frame's estimated camera, compare with that
     frame. lf: reward.Lift (frames (F, 3, h, w) at DA3's resolution). -> {PSNR, SSIM, LPIPS}, means over frames."""
-    h, w = lf.frames.shape[-2:]
-    rgb, _ = reward.render(lf.gaussians, lf.w2c, lf.K, h, w)  # (F, h, w, 3)
-    pred = rgb.clamp(0, 1).permute(0, 3, 1, 2).to(lf.frames.dtype)
+    pred = reward.own_view_renders(lf).to(lf.frames.dtype)
     psnr, ssim = image_metrics(pred, lf.frames)
     lp = reward.lpips_distance(models, pred, lf.frames)
     return dict(PSNR=psnr.mean().item(), SSIM=ssim.mean().item(), LPIPS=lp.mean().item())
@@ -344,7 +342,8 @@ def evaluate_video(video, prompt, path, models, dino, raft, args):
         SubjCons=subject_consistency(dino, video, args.dino_px))))
     row.update(guarded(reasons, "dynamic degree", lambda: dict(zip(("DynDeg", "Flow"), dynamic_degree(
         raft, video, iters=args.flow_iters)))))
-    r = reward.score(models, video[None], [prompt], [path], **args.reward_kw)  # never raises on a bad video
+    r = reward.score(models, video[None], [prompt], [path], **args.reward_kw,  # never raises on a bad video
+                     lifts=[lf] if lf is not None else None)
     row.update({k: r[k].item() for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}, reward=r["total"].item())
     gen_scale = args.reward_kw["gen_scale"]  # R_gen = gen_scale * mean HPSv3 mu over the first gen_frames frames
     row["HPSv3"] = row["R_gen"] / gen_scale if gen_scale else math.nan

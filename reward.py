@@ -36,7 +36,7 @@ import math
 import os
 from dataclasses import dataclass
 
-import common  # noqa: F401  (the torchvision fix, before transformers / lpips import it)
+import common  # first: the torchvision fix, before transformers / lpips import it
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -268,13 +268,8 @@ def load_hpsv3(repo="MizzenAI/HPSv3", backbone="Qwen/Qwen2-VL-7B-Instruct", devi
     config = AutoConfig.from_pretrained(backbone)
     sd = remap_hpsv3_state_dict(load_file(_hub_file(repo, "HPSv3.safetensors"), device=str(device)))
     config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
-    default = torch.get_default_dtype()
-    try:  # build in place, in the final dtype: a 7B fp32 random init on the host would take minutes
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = HPSv3Reward(config, proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
-    finally:
-        torch.set_default_dtype(default)
+    with common.build_in(device, dtype):
+        model = HPSv3Reward(config, proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
     model.load_state_dict(sd, strict=True)
     model.rm_head.float()
     return model.eval().requires_grad_(False), proc
@@ -562,11 +557,17 @@ def lpips_distance(models, a, b):
 
 
 @torch.no_grad()
+def own_view_renders(lf):
+    """All Gaussians rendered at each frame's own estimated camera: (F, 3, h, w) in [0, 1], beside lf.frames."""
+    h, w = lf.frames.shape[-2:]
+    rgb, _ = render(lf.gaussians, lf.w2c, lf.K, h, w)  # (F, h, w, 3)
+    return rgb.clamp(0, 1).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
 def s_recon(models, lf):
     """1 - mean_k LPIPS(frame k, render of all Gaussians at camera k), clipped to [0, 1]."""
-    h, w = lf.frames.shape[-2:]
-    rgb, _ = render(lf.gaussians, lf.w2c, lf.K, h, w)
-    return float((1 - lpips_distance(models, rgb.clamp(0, 1).permute(0, 3, 1, 2), lf.frames).mean()).clamp(0, 1))
+    return float((1 - lpips_distance(models, own_view_renders(lf), lf.frames).mean()).clamp(0, 1))
 
 
 def meta_camera(c2w, depth, angle=15.0):
@@ -734,12 +735,13 @@ def _guard(reasons, what, fn, *args):
 
 
 def score(models, videos, prompts, paths, dynamic=False, *, w_3d=1.0, w_gen=1.0, gen_frames=4, gen_scale=0.1,
-          meta_angle=15.0, traj_rot_scale=10.0):
+          meta_angle=15.0, traj_rot_scale=10.0, lifts=None):
     """videos (B, F, 3, H, W) in [0, 1]; prompts list[str]; paths: requested c2w (F, 4, 4) per video or None
     (no camera words). -> dict of float32 (B,) tensors S_meta, S_recon, S_traj, R_3D, R_gen, total, and
     "reasons" (list[str], "" when fine). dynamic=True skips R_3D (total = R_gen). Bad videos (check_video) get 0
     everywhere without running a critic; a failing critic gives 0 for its own term. Nothing raises except a
-    caller bug (prompts or paths not one per video)."""
+    caller bug (prompts or paths not one per video). lifts: a Lift per video already computed (evaluate.py), so
+    Depth Anything 3 does not run twice."""
     if not len(videos) == len(prompts) == len(paths):
         raise ValueError(f"score: {len(videos)} videos, {len(prompts)} prompts, {len(paths)} paths; need one each")
     keys = ("S_meta", "S_recon", "S_traj", "R_gen")
@@ -756,7 +758,7 @@ def score(models, videos, prompts, paths, dynamic=False, *, w_3d=1.0, w_gen=1.0,
         else:
             if not dynamic:
                 try:
-                    lf = lift(models, video)
+                    lf = lifts[i] if lifts is not None else lift(models, video)
                 except Exception as e:
                     lf = None
                     reasons.append(f"lift failed: {type(e).__name__}: {str(e)[:160]}")

@@ -508,6 +508,18 @@ def test_score_components_and_bad_videos(models):
     assert out["reasons"] == [""] and out["R_3D"][0] == 0 and out["total"][0] == out["R_gen"][0] != 0
 
 
+def test_score_reuses_a_given_lift(models, monkeypatch):
+    """score(lifts=...) gives the same components as lifting inside, without running Depth Anything 3 again."""
+    good = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prompt, path = "Camera orbit left. A cat.", orbit()
+    fresh = reward.score(models, good[None], [prompt], [path])
+    lf = reward.lift(models, good)
+    monkeypatch.setattr(reward, "lift", lambda *a: pytest.fail("lift ran although one was given"))
+    reused = reward.score(models, good[None], [prompt], [path], lifts=[lf])
+    for k in ("S_meta", "S_recon", "S_traj", "R_gen", "total"):
+        assert torch.allclose(fresh[k], reused[k]), k
+
+
 def test_toy_reward():
     """Mean of latent channel 0, per video: (B, 16, T, h, w) -> (B,)."""
     latents = torch.randn(3, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -15,13 +15,11 @@ TOY = ["--reward=toy", "--eval_every=0", "--save_every=100"]  # fast runs that t
 TIMING = ("t_rollout", "t_reward", "t_train")
 
 
-def run(args, out_dir, nproc=1, check=True, wrapper=None):
-    """Run train.py (or `python -c wrapper` that runs it) with --out_dir; returns the CompletedProcess."""
+def run(args, out_dir, nproc=1, check=True):
+    """Run train.py with --out_dir (under torchrun when nproc > 1); returns the CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    elif wrapper:
-        cmd = [sys.executable, "-c", wrapper]
     else:
         cmd = [sys.executable, "train.py"]
     proc = subprocess.run(cmd + args + [f"--out_dir={out_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
