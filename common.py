@@ -1,12 +1,16 @@
 """
-The few things every script needs: the CPU torchvision fix, torchrun set-up, and rank-0 printing.
+The few things every script needs: the CPU torchvision fix, flag parsing and input checks that fail in one line,
+torchrun set-up, and rank-0 printing.
 
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
 """
 import contextlib
+import difflib
 import importlib.util
+import math
 import os
 import sys
+import uuid
 
 import torch
 
@@ -40,6 +44,95 @@ def fix_torchvision():
 
 fix_torchvision()
 
+
+# -----------------------------------------------------------------------------
+# User mistakes: one line on stderr, exit code 1, before any model loads
+
+def fail(message):
+    """Stop with `error: message` (one line, no traceback). Every user mistake ends here."""
+    raise SystemExit(f"error: {message}")
+
+
+def parse_flags(parser, argv, presets=None):
+    """Parse argv with one-line errors: an unknown flag names the closest valid ones, a bad value says which flag.
+    presets: {name: {flag: default}} keyed by --size; the chosen preset becomes the defaults, explicit flags win."""
+    parser.error = lambda message: fail(message)  # argparse would print the whole usage block first
+    args, unknown = parser.parse_known_args(argv)
+    for flag in unknown:
+        key = flag.split("=")[0]
+        names = [name for action in parser._actions for name in action.option_strings]
+        close = difflib.get_close_matches(key, names, n=3)
+        fail(f"unknown argument {flag}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if presets is not None:
+        parser.set_defaults(**{k: v for k, v in presets[args.size].items() if k in vars(args)})
+        args = parser.parse_args(argv)
+    return args
+
+
+def check_numbers(args, positive=(), nonnegative=(), finite=()):
+    """Every named flag must be a finite number (> 0, >= 0, or any); None (unset) passes."""
+    for names, test, what in ((positive, lambda v: v > 0, "a positive number"),
+                              (nonnegative, lambda v: v >= 0, "a number >= 0"), (finite, lambda v: True, "a number")):
+        for name in names:
+            v = getattr(args, name)
+            if v is not None and not (math.isfinite(v) and test(v)):
+                fail(f"--{name}={v} must be {what}")
+
+
+def check_text(text, flag):
+    """A command-line string must be valid UTF-8 (Python keeps undecodable argv bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(f"{flag} holds bytes that are not UTF-8; re-type it or save it as UTF-8")
+    return text
+
+
+def read_lines(path, flag):
+    """Non-blank stripped lines of a UTF-8 text file; a missing, empty or undecodable file stops with its name
+    and the line number of the first bad byte."""
+    if not os.path.isfile(path):
+        fail(f"{flag}={path} does not exist; pass a text file with one prompt per line")
+    with open(path, "rb") as f:
+        raw = f.read()
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            fail(f"{flag}={path} line {number} is not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1}); "
+                 "save the file as UTF-8")
+    lines = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if not lines:
+        fail(f"{flag}={path} has no lines; write one prompt per line")
+    return lines
+
+
+def check_writable_dir(folder, flag):
+    """Create `folder` if needed and prove it takes a file (a real write: os.access says yes to root everywhere)."""
+    folder = folder or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_{uuid.uuid4().hex}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to {flag}={folder} ({e.strerror or e}); pick a writable place")
+    return folder
+
+
+def check_writable_file(path, flag, suffixes=None):
+    """An output file: the right extension, not an existing folder, and its folder proven writable."""
+    if suffixes and not path.lower().endswith(tuple(suffixes)):
+        fail(f"{flag}={path} must end in {' or '.join(suffixes)}")
+    if os.path.isdir(path):
+        fail(f"{flag}={path} is an existing folder; name a file")
+    check_writable_dir(os.path.dirname(path), flag)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Devices, dtypes, processes
 
 @contextlib.contextmanager
 def build_in(device, dtype):
