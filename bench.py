@@ -281,7 +281,8 @@ def main(argv):
         xb, xn = x.expand(1, -1, -1, -1, -1), x.expand(1, -1, -1, -1, -1) * 0.99
 
         def micro_step():
-            logp, mean, std = sample.step_log_prob(tr, xb, xn, 0.8, 0.75, cond, uncond, 5.0, 0.7, float(sigmas[1]))
+            logp, mean, std = sample.step_log_prob(tr, xb, xn, 0.8, 0.75, cond, uncond, 5.0, noise_level=0.7,
+                                                   sigma_max=float(sigmas[1]))
             loss, _, _ = grpo.policy_loss(logp, logp.detach(), torch.ones(1, device=device), 1e-3)
             loss.backward()
         row("train micro-step (fwd+bwd, CFG)", timeit(micro_step, args.repeats),

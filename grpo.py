@@ -28,24 +28,36 @@ def _per_sample(s, x):
     return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim else s
 
 
-def sde_step(x, v, sigma, sigma_next, noise_level=0.7, sigma_max=None, prev_sample=None, generator=None):
+SDE_NOISE = ("sd3", "wan")  # the two noise schedules of Flow-GRPO's trainers, see sde_step
+
+
+def sde_step(x, v, sigma, sigma_next, noise_level=0.7, sigma_max=None, prev_sample=None, generator=None,
+             schedule="sd3"):
     """One Flow-GRPO SDE step of the rectified flow x_σ = (1 − σ)·x0 + σ·ε, from σ to σ_next < σ.
 
-        σ_t  = a·sqrt(σ / (1 − σ))                    (a = noise_level; at σ = 1 the 1 − σ uses sigma_max)
+        σ_t  = a·sqrt(σ / (1 − σ))    schedule "sd3": Flow-GRPO's SD3 trainer and paper (a = noise_level; at σ = 1
+                                      the 1 − σ uses sigma_max, the largest σ below 1, so the first std is finite)
+        σ_t  = σ                      schedule "wan": Flow-GRPO's Wan2.1 trainer, σ_min + (σ_max − σ_min)·σ with the
+                                      schedule's ends 0 and 1 (noise_level unused)
         mean = x·(1 + σ_t²·dt/(2σ)) + v·(1 + σ_t²·(1 − σ)/(2σ))·dt,   dt = σ_next − σ < 0
         std  = σ_t·sqrt(−dt);  x_next = mean + std·ξ,  ξ ~ N(0, I)
         log p(x_next) = mean over non-batch dims of log N(x_next; mean, std²)
 
-    This SDE has the ODE's marginals (the score is −(x + (1 − σ)·v)/σ); with a → 0 the mean is the Euler step.
-    x, v: (B, ...); sigma, sigma_next: floats or (B,) tensors; sigma_max: the schedule's largest σ below 1 (the
-    guard Flow-GRPO uses so the first step's std stays finite). If prev_sample is given it is scored, not drawn.
+    Any σ_t gives an SDE with the ODE's marginals (the score is −(x + (1 − σ)·v)/σ); σ_t → 0 is the Euler step.
+    On a 20-step shift-3 schedule the step std over the first half is 0.70 → 0.25 ("sd3") or 0.13 → 0.15 ("wan").
+    x, v: (B, ...); sigma, sigma_next: floats or (B,) tensors. If prev_sample is given it is scored, not drawn.
     Returns x_next (B, ...), log_prob (B,), mean (B, ...), std (B, 1, ...), all float32: the quadratic term and
     std² lose most of their digits in bf16, and the ratio exp(logp − old_logp) needs them all.
     """
     x, v = x.float(), v.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
-    sigma_den = sigma if sigma_max is None else torch.clamp(sigma, max=sigma_max)
-    std_t = noise_level * torch.sqrt(sigma / (1 - sigma_den))
+    if schedule == "sd3":
+        sigma_den = sigma if sigma_max is None else torch.clamp(sigma, max=sigma_max)
+        std_t = noise_level * torch.sqrt(sigma / (1 - sigma_den))
+    elif schedule == "wan":
+        std_t = sigma
+    else:
+        raise ValueError(f"unknown SDE noise schedule {schedule!r}; choose one of {SDE_NOISE}")
     dt = sigma_next - sigma
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     std = std_t * torch.sqrt(-dt)
@@ -74,6 +86,23 @@ def group_advantages(rewards, group_ids, adv_clip=5.0, eps=1e-4):
     lo = torch.full_like(n, math.inf).scatter_reduce_(0, g, rewards, "amin")
     adv = torch.where((hi > lo)[g], adv, torch.zeros_like(adv))
     return adv.clamp(-adv_clip, adv_clip)
+
+
+def fill_bad(rewards, bad, group_ids, margin_floor=1e-3):
+    """Rewards with each unscorable video (bad: black, NaN, a critic failed) set below every real video of its
+    group: min_real − max(std_real, margin_floor). A bad video must never outrank a real one, whatever the reward's
+    sign (HPSv3's mu is often negative, so a bad video scored 0 would win the dynamic phase). A group with no real
+    video gets equal rewards, i.e. zero advantage. rewards (N,) (NaN allowed where bad), bad (N,) bool,
+    group_ids (N,). Returns (N,) float32."""
+    rewards = torch.where(bad, torch.zeros_like(rewards), rewards.float())
+    out = rewards.clone()
+    for g in torch.unique(group_ids):
+        real, worse = (group_ids == g) & ~bad, (group_ids == g) & bad
+        if real.any() and worse.any():
+            r = rewards[real]
+            margin = max(float(r.std(unbiased=False)), margin_floor)
+            out[worse] = float(r.min()) - margin
+    return out
 
 
 def policy_loss(logp, old_logp, adv, clip_range):

@@ -21,8 +21,10 @@ Departures from the official release (release-facts.md section 6-7; docs/DESIGN.
  4. R_gen is HPSv3 (mu) averaged over the first `gen_frames` frames; the release scores one random frame with
     HPSv2.1. `gen_scale` keeps it beside R_3D.
  5. Everything runs in the training process (no Flask servers, no pickle). Black, constant, non-finite and
-    one-frame videos are caught up front (0 everywhere, no critic runs); a failing critic gives 0 for its own
-    term; each comes back with a reason string instead of an exception.
+    one-frame videos are caught up front (no critic runs); they and videos on which a critic fails come back
+    "bad" with a reason, and the trainer scores them below every real video of their group (the release scores
+    them 0, which beats a real video whenever HPS is negative). Systemic failures (out of memory, CUDA, a missing
+    package) raise: the run stops instead of learning from a broken reward.
  6. DA3's GaussianAdapter is re-done here (`_gaussians_from_gs_head`): it imports evo and e3nn, which we do not
     install; we rotate the SH bands with a least-squares fit on gsplat's own SH basis instead of Wigner-D.
 
@@ -34,6 +36,7 @@ torch hub cache; seed that cache on offline clusters).
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import common  # first: the torchvision fix, before transformers / lpips import it
@@ -294,7 +297,7 @@ def build_tiny_hpsv3():
 
 def load_reward_models(size="tiny", device="cpu", dtype=None, da3="depth-anything/DA3-GIANT",
                        qwen="Qwen/Qwen3-VL-4B-Instruct", hps="MizzenAI/HPSv3",
-                       hps_backbone="Qwen/Qwen2-VL-7B-Instruct", seed=0):
+                       hps_backbone="Qwen/Qwen2-VL-7B-Instruct", seed=0, process_res=None):
     """size="tiny": random models built in code (fixed seed, no files, no network). Otherwise real weights
     (hub ids or local folders): the VLMs in `dtype` (bf16 on CUDA, fp32 on CPU); DA3 keeps fp32 weights and
     runs under bf16 autocast on CUDA like its own inference (its heads run in fp32 inside); LPIPS is fp32."""
@@ -321,7 +324,7 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3="depth-anythin
         res, hps_pixels = 504, 256 * 28 * 28
     return RewardModels(da3=da3_net.to(device), gs_cfg=gs_cfg, qwen=qwen_model.to(device), qwen_proc=qwen_proc,
                         hps=hps_model.to(device), hps_proc=hps_proc, lpips=lp.eval().requires_grad_(False).to(device),
-                        device=device, process_res=res, hps_pixels=hps_pixels)
+                        device=device, process_res=process_res or res, hps_pixels=hps_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,11 +452,16 @@ def lift_from_depth(frames, depth, K, c2w):
 # ----------------------------------------------------------------------------------------------------------------
 # Render: gsplat on CUDA, a pure-torch rasterizer (float64 compositing) elsewhere
 
-def render(gaussians, viewmats, Ks, height, width, *, backend="auto", with_depth=False, chunk=4):
+RENDERER = "auto"  # set once per process by check_renderer: "auto" = gsplat for CUDA tensors, torch elsewhere
+
+
+def render(gaussians, viewmats, Ks, height, width, *, backend=None, with_depth=False, chunk=4):
     """Splat Gaussians into C cameras. viewmats (C,4,4) world-to-camera, Ks (C,3,3) -> rgb (C,H,W,3),
     alpha (C,H,W,1) [, expected z-depth (C,H,W,1)]. Black background, not clamped. Same alpha rules on both
     backends (alpha = min(0.999, o exp(-sigma)), dropped below 1/255, 0.3 px^2 blur); gsplat also stops a pixel
-    once its transmittance falls below 1e-4. Cameras go `chunk` at a time (gsplat holds (C, N) buffers)."""
+    once its transmittance falls below 1e-4. Cameras go `chunk` at a time (gsplat holds (C, N) buffers).
+    backend: "gsplat", "torch", or None for the process's RENDERER."""
+    backend = backend or RENDERER
     if backend == "auto":
         backend = "gsplat" if gaussians["means"].is_cuda else "torch"
     viewmats, Ks = viewmats.to(gaussians["means"].dtype), Ks.to(gaussians["means"].dtype)
@@ -543,6 +551,61 @@ def _render_torch(g, viewmats, Ks, H, W, max_pairs=1 << 22):
         alphas.append(acc.to(dt).view(H, W, 1))
         depths.append((dep / acc.clamp_min(1e-10)).to(dt).view(H, W, 1))
     return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)
+
+
+def synthetic_scene(n=2000, device="cpu", seed=0):
+    """A small random scene of coloured Gaussians 2-4 units in front of an identity camera, and 3 cameras (w2c)
+    looking at it from a few degrees apart, with a 64x64 pinhole K. For renderer checks."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.rand(n, 3, generator=g) * torch.tensor([2.0, 2.0, 2.0]) + torch.tensor([-1.0, -1.0, 2.0])
+    quats = F.normalize(torch.randn(n, 4, generator=g), dim=-1)
+    gs = dict(means=means, quats=quats, scales=torch.rand(n, 3, generator=g) * 0.03 + 0.01,
+              opacities=torch.rand(n, generator=g) * 0.5 + 0.4, colors=torch.rand(n, 3, generator=g))
+    w2c = torch.eye(4).repeat(3, 1, 1)
+    for i, deg in enumerate((-4.0, 0.0, 4.0)):
+        a = math.radians(deg)
+        w2c[i, :3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+    K = torch.tensor([[60.0, 0, 32], [0, 60.0, 32], [0, 0, 1]]).repeat(3, 1, 1)
+    return {k: v.to(device) for k, v in gs.items()}, w2c.to(device), K.to(device)
+
+
+def check_renderer(device, backend="auto"):
+    """Build the renderer this process will use and prove it on a synthetic scene, before any training step.
+    On CUDA with gsplat: its kernels are compiled on first use (torch's JIT, needs nvcc), then its render must
+    match our torch rasterizer at PSNR > 40 dB. Sets RENDERER; returns a one-line summary; any failure stops the
+    run with a line saying what to do (a reward with a broken renderer would train on zeros)."""
+    global RENDERER
+    device = torch.device(device)
+    if backend == "gsplat" and device.type != "cuda":
+        raise SystemExit("error: --renderer=gsplat needs a CUDA device; use --renderer=torch (or auto) on a CPU")
+    use_gsplat = device.type == "cuda" and backend in ("auto", "gsplat")
+    gs, w2c, K = synthetic_scene(device=device)
+    try:
+        ref, _ = render(gs, w2c, K, 64, 64, backend="torch")
+    except Exception as e:  # the per-run boundary: a renderer that cannot run must stop the run, with the reason
+        raise SystemExit(f"error: the torch Gaussian rasterizer failed on a synthetic scene ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    if not bool(torch.isfinite(ref).all()) or float(ref.amax()) <= 0:
+        raise SystemExit("error: the torch Gaussian rasterizer rendered an empty or non-finite synthetic scene")
+    if not use_gsplat:
+        RENDERER = "torch"
+        return "renderer: torch rasterizer (checked on a synthetic scene)"
+    try:
+        t0 = time.time()
+        out, _ = render(gs, w2c, K, 64, 64, backend="gsplat")
+        torch.cuda.synchronize(device)
+        seconds = time.time() - t0
+    except Exception as e:  # ImportError, a failed nvcc build, a CUDA error: all mean "no gsplat here"
+        raise SystemExit(f"error: gsplat could not render ({type(e).__name__}: {str(e)[:200]}); install a CUDA "
+                         "toolkit (nvcc) that matches torch's CUDA so gsplat can build its kernels, or pass "
+                         "--renderer=torch") from None
+    mse = float(((out.clamp(0, 1) - ref.clamp(0, 1)) ** 2).mean())
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    if psnr <= 40:
+        raise SystemExit(f"error: gsplat and the torch rasterizer disagree on a synthetic scene (PSNR {psnr:.1f} dB "
+                         "<= 40); check the gsplat build, or pass --renderer=torch")
+    RENDERER = "gsplat"
+    return f"renderer: gsplat, matches the torch rasterizer at {psnr:.1f} dB (first call incl. build {seconds:.1f} s)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -721,27 +784,39 @@ def check_video(video):
     return ""
 
 
+def is_systemic(e):
+    """A failure that is not about one video's content (a missing package, memory, the GPU itself): it stops the
+    run instead of scoring the video, because every later video would fail the same way."""
+    return isinstance(e, (ImportError, MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("CUDA", "cuDNN", "NCCL", "out of memory")))
+
+
 def _guard(reasons, what, fn, *args):
-    """Run one critic; on any failure (or a non-finite value) record why and return 0."""
+    """Run one critic on one video. A failure or a non-finite value gives NaN and a reason; a systemic failure
+    (is_systemic) is raised."""
     try:
         v = fn(*args)
-    except Exception as e:  # the per-critic boundary: a reward must never stop training
+    except Exception as e:  # the per-video boundary: a critic that fails on one video's content must not stop the run
+        if is_systemic(e):
+            raise
         reasons.append(f"{what} failed: {type(e).__name__}: {str(e)[:160]}")
-        return 0.0
+        return math.nan
     if not math.isfinite(v):
         reasons.append(f"{what} not finite")
-        return 0.0
+        return math.nan
     return v
 
 
 def score(models, videos, prompts, paths, dynamic=False, *, w_3d=1.0, w_gen=1.0, gen_frames=4, gen_scale=0.1,
           meta_angle=15.0, traj_rot_scale=10.0, lifts=None):
     """videos (B, F, 3, H, W) in [0, 1]; prompts list[str]; paths: requested c2w (F, 4, 4) per video or None
-    (no camera words). -> dict of float32 (B,) tensors S_meta, S_recon, S_traj, R_3D, R_gen, total, and
-    "reasons" (list[str], "" when fine). dynamic=True skips R_3D (total = R_gen). Bad videos (check_video) get 0
-    everywhere without running a critic; a failing critic gives 0 for its own term. Nothing raises except a
-    caller bug (prompts or paths not one per video). lifts: a Lift per video already computed (evaluate.py), so
-    Depth Anything 3 does not run twice."""
+    (no camera words). -> dict of float32 (B,) tensors S_meta, S_recon, S_traj, R_3D, R_gen, total, a bool (B,)
+    tensor "bad", and "reasons" (list[str], "" when fine). dynamic=True skips R_3D (total = R_gen).
+    A video whose content cannot be scored (check_video: black, constant, non-finite, one frame) or on which a
+    critic fails or returns a non-finite value is "bad": its failed terms and its total are NaN, and the trainer
+    gives it a score below every real video of its group (grpo.fill_bad). A prompt without camera words has
+    S_traj = 0 (defined, not bad). A systemic failure (is_systemic: out of memory, CUDA, a missing package) raises.
+    lifts: a Lift per video already computed (evaluate.py), so Depth Anything 3 does not run twice."""
     if not len(videos) == len(prompts) == len(paths):
         raise ValueError(f"score: {len(videos)} videos, {len(prompts)} prompts, {len(paths)} paths; need one each")
     keys = ("S_meta", "S_recon", "S_traj", "R_gen")
@@ -755,13 +830,18 @@ def score(models, videos, prompts, paths, dynamic=False, *, w_3d=1.0, w_gen=1.0,
             bad = f"unreadable video: {type(e).__name__}: {str(e)[:160]}"
         if bad:
             reasons.append(bad)
+            for k in keys:
+                out[k][i] = math.nan
         else:
             if not dynamic:
                 try:
                     lf = lifts[i] if lifts is not None else lift(models, video)
-                except Exception as e:
+                except Exception as e:  # DA3 failing on this video's content; systemic failures are raised
+                    if is_systemic(e):
+                        raise
                     lf = None
                     reasons.append(f"lift failed: {type(e).__name__}: {str(e)[:160]}")
+                    out["S_recon"][i] = out["S_meta"][i] = out["S_traj"][i] = math.nan
                 if lf is not None:
                     out["S_recon"][i] = _guard(reasons, "S_recon", s_recon, models, lf)
                     out["S_meta"][i] = _guard(reasons, "S_meta", s_meta, models, lf, prompts[i], meta_angle)
@@ -775,13 +855,14 @@ def score(models, videos, prompts, paths, dynamic=False, *, w_3d=1.0, w_gen=1.0,
                 hpsv3_score(models, video[:k], [prompts[i]] * k).mean()))
         reason = "; ".join(r for r in reasons if r)
         if reason:
-            print(f"[reward] video {i}: {reason}", flush=True)
+            print(f"[reward] video {i} ({prompts[i][:60]!r}): {reason}", flush=True)
         all_reasons.append(reason)
     res = {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
     for k in ("S_meta", "S_recon", "S_traj"):
         res[k] = res[k].clamp(0, 1)
     res["R_3D"] = res["S_meta"] + res["S_recon"] + res["S_traj"]
     res["total"] = res["R_gen"] if dynamic else w_3d * res["R_3D"] + w_gen * res["R_gen"]
+    res["bad"] = ~torch.isfinite(res["total"])
     res["reasons"] = all_reasons
     return res
 

@@ -102,13 +102,26 @@ def save_pretrained(wan, folder):
                 scheduler=wan.scheduler).save_pretrained(folder)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_dtype(name, device):
+    """--dtype -> torch dtype: bf16 or fp32 as asked; None picks bf16 on CUDA (what the real runs use) and fp32 on a
+    CPU (where bf16 matmuls are slow). Only the networks' weights follow it: SDE math, log-probs, noise, the VAE
+    and the optimizer state stay fp32."""
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 def load_wan(model, device, dtype=None):
     """model: None (tiny, built in code), a hub id (Wan-AI/...), or a local diffusers folder.
-    The transformer and text encoder run in `dtype` (default bf16 on CUDA, fp32 on CPU); the VAE stays fp32."""
+    The transformer and text encoder hold `dtype` weights (default: resolve_dtype(None, device)), except the
+    modules diffusers keeps in fp32 (time embedding, norms, scale-shift tables); the VAE stays fp32."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or resolve_dtype(None, device)
     if model is not None:
         kw = dict(torch_dtype=dtype)
         wan = Wan(AutoTokenizer.from_pretrained(model, subfolder="tokenizer"),
@@ -116,16 +129,28 @@ def load_wan(model, device, dtype=None):
                   WanTransformer3DModel.from_pretrained(model, subfolder="transformer", **kw).eval(),
                   AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval(),
                   UniPCMultistepScheduler.from_pretrained(model, subfolder="scheduler"))
-    else:  # built in fp32: cast, keeping the modules Wan needs in fp32 (time embedding, norms, RoPE)
+    else:  # built in fp32: cast as from_pretrained(torch_dtype=dtype) would
         wan = build_tiny()
         wan.text_encoder.to(dtype)
-        keep = wan.transformer._keep_in_fp32_modules
-        for name, p in wan.transformer.named_parameters():
-            if not any(k in name.split(".") for k in keep):
-                p.data = p.data.to(dtype)
+        keep_in_fp32(wan.transformer, dtype)
     for m in (wan.text_encoder, wan.transformer, wan.vae):
         m.to(device).requires_grad_(False)
     return wan
+
+
+def keep_in_fp32(transformer, dtype):
+    """Cast a Wan transformer to `dtype` except the modules diffusers keeps in fp32 (`_keep_in_fp32_modules`)."""
+    keep = transformer._keep_in_fp32_modules
+    for name, p in transformer.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            p.data = p.data.to(dtype)
+    return transformer
+
+
+def compute_dtype(transformer):
+    """The dtype the transformer's inputs must have: its patch embedding's. Not "the first parameter": diffusers keeps
+    `scale_shift_table`, the time embedder and the norms in fp32 even when the model runs in bf16."""
+    return getattr(transformer, "module", transformer).patch_embedding.weight.dtype
 
 
 # -----------------------------------------------------------------------------
@@ -147,6 +172,25 @@ def encode(wan, prompts, text_len):
     return states * mask[..., None].to(states.dtype)
 
 
+@torch.no_grad()
+def encode_all(wan, prompts, text_len, batch=16):
+    """{prompt: (n_tokens, D) UMT5 states} on the host, each trimmed to its true length (the rest is zeros): encode
+    every prompt of a run once, then free the text encoder. pad_tokens restores encode's (text_len, D) exactly."""
+    out = {}
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        lengths = wan.tokenizer([clean_prompt(p) for p in chunk], max_length=text_len, truncation=True,
+                                add_special_tokens=True).input_ids
+        for p, n, states in zip(chunk, map(len, lengths), encode(wan, chunk, text_len)):
+            out[p] = states[:n].cpu()
+    return out
+
+
+def pad_tokens(states, text_len):
+    """(n, D) -> (text_len, D), zeros after the n tokens (as encode returns them)."""
+    return torch.cat([states, states.new_zeros(text_len - len(states), states.shape[-1])])
+
+
 # -----------------------------------------------------------------------------
 # Noise: plain Gaussian, or transported along the camera path the prompt names
 
@@ -162,7 +206,8 @@ def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None,
     warp_mode "init" (the paper): x0 = blend(base, warped, λ), λ = warp_strength (default 1: the warped noise,
     which already carries `degradation` fresh noise); no injection.
     warp_mode "stepwise" (the release): x0 = base; after each of the first 8 steps a low-passed, unit-std
-    (warped − base) is added with weights ∝ linspace(1, 0.1, 8), then x is re-standardised (release-facts §3.4).
+    (warped − base) is added with weights ∝ linspace(1, 0.1, 8), then x is re-standardised (release-facts §3.4);
+    λ = warp_strength, default 0.35 (the release's value for Wan2.1-1.3B).
     A prompt with no camera words (or warp_mode "none") gives plain noise. Returns (x0, inject or None, motions).
     """
     base = torch.randn((1, *shape), generator=generator, device=device)
@@ -175,9 +220,11 @@ def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None,
         return noise_warp.blend(base, warped, 1.0 if warp_strength is None else warp_strength), None, motions
     delta = noise_warp.lowpass_delta(warped, base)
     weights = noise_warp.stepwise_weights(8).tolist()
+    strength = STEPWISE_STRENGTH["small"] if warp_strength is None else warp_strength
 
     def inject(i, x):
-        return noise_warp.inject_stepwise(x, delta, weights[i], warp_strength) if i < len(weights) else x
+        return noise_warp.inject_stepwise(x, delta, weights[i], strength) if i < len(weights) else x
+    inject.steps = len(weights)  # denoise turns UniPC's corrector off after these steps, so the injection stays
     return base, inject, motions
 
 
@@ -194,20 +241,22 @@ def flow_sigmas(steps, shift):
 def velocity(transformer, x, sigma, cond, uncond, guidance, timestep=None):
     """Classifier-free-guided velocity v = v_u + g·(v_c − v_u), both passes in one batch.
     x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D); sigma: a float or (B,) (train.py mixes window steps in
-    one batch); timestep defaults to 1000·σ (taken in float64, as the pipeline does). Returns fp32 (B, ...)."""
-    dtype = cond.dtype
+    one batch); timestep defaults to 1000·σ (taken in float64, as the pipeline does) and stays fp32 (the time
+    embedder is fp32; bf16 would round t = 937.1 to 936). Latents and text go in the transformer's compute dtype.
+    Returns fp32 (B, ...)."""
+    dtype = compute_dtype(transformer)
     t = torch.as_tensor(1000 * torch.as_tensor(sigma, dtype=torch.float64) if timestep is None else timestep,
                         device=x.device).float().expand(x.shape[0])
     t = torch.cat([t, t])
     out = transformer(hidden_states=torch.cat([x, x]).to(dtype), timestep=t,
-                      encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0].float()
+                      encoder_hidden_states=torch.cat([cond, uncond]).to(dtype), return_dict=False)[0].float()
     v_cond, v_uncond = out.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
 @torch.no_grad()
 def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, window=(), noise_level=0.7,
-            branch_at=None, group_size=1, generator=None, inject=None, progress=False):
+            sde_noise="sd3", branch_at=None, group_size=1, generator=None, inject=None, progress=False):
     """Integrate x from σ = sigmas[0] to 0. Step i moves σ_i -> σ_{i+1}:
       - i in `window`: Flow-GRPO SDE step (grpo.sde_step), transition (x, x_next, log p) recorded;
       - else, with `scheduler`: its multistep update (UniPC, the inference default; its own sigmas);
@@ -220,6 +269,10 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
         scheduler = copy.deepcopy(scheduler)
         scheduler.set_timesteps(len(sigmas) - 1, device=x.device)
         sigmas = scheduler.sigmas
+        # UniPC's corrector rebuilds step i's result from the sample *before* step i, which would undo an injection
+        # made after step i (measured: 0.55% of the effect Euler keeps). Off after the injected steps, the predictor
+        # starts from the injected sample, as Euler does.
+        scheduler.disable_corrector = list(range(getattr(inject, "steps", 0)))
     transitions = []
     for i in tqdm(range(len(sigmas) - 1), desc="denoise", disable=not progress, leave=False):
         if i == branch_at:
@@ -227,8 +280,8 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if i in window:
             v = velocity(transformer, x, sigma, cond, uncond, guidance)
-            x_next, logp, _, _ = grpo.sde_step(x, v, sigma, sigma_next, noise_level, float(sigmas[1]),
-                                               generator=generator)
+            x_next, logp, _, _ = grpo.sde_step(x, v, sigma, sigma_next, noise_level, sigma_max=float(sigmas[1]),
+                                               generator=generator, schedule=sde_noise)
             transitions.append(dict(step=i, x=x, x_next=x_next, log_prob=logp))
         elif scheduler is not None:
             t = scheduler.timesteps[i]
@@ -242,7 +295,7 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
 
 
 def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, window_start, window_size=2,
-            noise_level=0.7, generator=None, inject=None, progress=False):
+            noise_level=0.7, sde_noise="sd3", generator=None, inject=None, progress=False):
     """Flow-GRPO-Fast rollout of one prompt's group: one Euler ODE prefix to `window_start`, then group_size
     branches through `window_size` SDE steps, each finished by ODE. All branches run as one batch.
     cond, uncond: (1, L, D); noise: (1, 16, T, h, w). Returns final latents (G, 16, T, h, w) and the window's
@@ -250,26 +303,32 @@ def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, w
     window = range(window_start, window_start + window_size)
     assert window_start >= 0 and window.stop <= len(sigmas) - 1, f"window {window} outside {len(sigmas) - 1} steps"
     return denoise(transformer, noise, cond, uncond, sigmas, guidance, window=window, noise_level=noise_level,
-                   branch_at=window_start, group_size=group_size, generator=generator, inject=inject,
+                   sde_noise=sde_noise, branch_at=window_start, group_size=group_size, generator=generator, inject=inject,
                    progress=progress)
 
 
-def step_log_prob(transformer, x, x_next, sigma, sigma_next, cond, uncond, guidance, noise_level, sigma_max):
+def step_log_prob(transformer, x, x_next, sigma, sigma_next, cond, uncond, guidance, *, noise_level, sigma_max,
+                  sde_noise="sd3"):
     """Log-prob (B,) of stored transitions x -> x_next under the current transformer (with grad, with CFG),
     plus the step mean and std for the KL. For train.py; the same math as the rollout's SDE steps."""
     v = velocity(transformer, x, sigma, cond, uncond, guidance)
-    _, logp, mean, std = grpo.sde_step(x, v, sigma, sigma_next, noise_level, sigma_max, prev_sample=x_next)
+    _, logp, mean, std = grpo.sde_step(x, v, sigma, sigma_next, noise_level, sigma_max=sigma_max, prev_sample=x_next,
+                                       schedule=sde_noise)
     return logp, mean, std
 
 
 @torch.no_grad()
 def decode(vae, latents):
     """Latents (B, 16, T, h, w) -> video (B, F, 3, H, W) in [0, 1]: un-normalise with the VAE's per-channel
-    latent mean/std, decode, map [-1, 1] -> [0, 1]."""
+    latent mean/std, decode, map [-1, 1] -> [0, 1]. One video at a time: the Wan VAE's activations at 480x832
+    grow with the batch (several GB per video in fp32), and a group of 8 at once would not fit beside the rest."""
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
-    video = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]  # (B, 3, F, H, W)
-    return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    videos = []
+    for z in latents.split(1):
+        video = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0]  # (1, 3, F, H, W)
+        videos.append((video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4))
+    return torch.cat(videos)
 
 
 def generate(wan, prompt, seed, *, frames, height, width, steps, guidance=5.0, sampler="unipc", text_len=512,
@@ -278,7 +337,7 @@ def generate(wan, prompt, seed, *, frames, height, width, steps, guidance=5.0, s
     """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed (all draws from one generator)."""
     device = next(wan.transformer.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    cond, uncond = encode(wan, [prompt, negative_prompt], text_len).to(wan.transformer.dtype).chunk(2)
+    cond, uncond = encode(wan, [prompt, negative_prompt], text_len).chunk(2)
     x, inject, _ = camera_noise(prompt, latent_shape(frames, height, width), generator, warp_mode, warp_strength,
                                 warp_scale, degradation, device)
     sigmas = flow_sigmas(steps, wan.scheduler.config.flow_shift)

@@ -1,11 +1,13 @@
 """
 World-R1: reinforcement learning that makes Wan2.1 produce 3D-consistent video (Flow-GRPO-Fast + 3D rewards).
 
-    python train.py --size=tiny                                          # CPU demo: random tiny models, ~1 min
+    python train.py --size=tiny                                          # CPU demo: random tiny models, ~30 s
     torchrun --standalone --nproc_per_node=8 train.py --size=small       # Wan2.1-T2V-1.3B, LoRA, DDP, H200s
     torchrun --nnodes=12 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
         train.py --size=large                                            # Wan2.1-T2V-14B, LoRA, FSDP2
     python train.py --size=tiny --resume                                 # continue from out_dir's latest checkpoint
+    python train.py --size=small --random_weights --depth=1 --frames=17 --height=128 --width=224 --dtype=bf16 \\
+        --lift_res=224                                                   # the real shapes, one block each, on a CPU
 
 One step, per rank: for each of its prompts, camera words -> warped noise -> a group of G rollouts that share an
 ODE prefix and branch through an SDE window (sample.rollout) -> decode -> rewards (reward.score: R_3D + R_gen, or
@@ -19,7 +21,6 @@ import common  # noqa: F401  (first: the CPU torchvision fix)
 import argparse
 import contextlib
 import copy
-import difflib
 import importlib.util
 import json
 import math
@@ -27,6 +28,8 @@ import os
 import shutil
 import sys
 import time
+import uuid
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm import tqdm
 
+import checkpoint
 import grpo
 import noise_warp
 import reward
@@ -65,10 +69,17 @@ p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
 p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
 p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
 p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
+p.add_argument("--dtype", choices=list(sample.DTYPES), default=None,
+               help="network weights (default: bf16 on CUDA, fp32 on CPU); SDE math, log-probs, optimizer stay fp32")
+p.add_argument("--random_weights", action="store_true",
+               help="the size's real architectures with random weights, nothing downloaded (smoke runs, benchmarks)")
+p.add_argument("--depth", type=int, default=None, help="with --random_weights: blocks per network (CPU smoke runs)")
 # rollouts
 p.add_argument("--steps", type=int, default=None, help="denoising steps per rollout (Euler ODE + SDE window)")
 p.add_argument("--sde_window", type=int, default=2, help="SDE (trained) steps per rollout, in the first half")
 p.add_argument("--noise_level", type=float, default=0.7, help="Flow-GRPO SDE noise a: σ_t = a·sqrt(σ/(1−σ))")
+p.add_argument("--sde_noise", choices=grpo.SDE_NOISE, default="sd3",
+               help="SDE noise schedule: sd3 (Flow-GRPO paper: a·sqrt(σ/(1−σ))) or wan (Flow-GRPO's Wan trainer: σ)")
 p.add_argument("--group_size", type=int, default=None, help="videos per prompt (G)")
 p.add_argument("--prompts_per_rank", type=int, default=None, help="groups each rank rolls out per step")
 p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance in rollouts and updates")
@@ -88,6 +99,7 @@ p.add_argument("--lora_rank", type=int, default=None, help="LoRA rank (q, k, v, 
 p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha")
 p.add_argument("--full_finetune", action="store_true", help="train all weights (reference = a frozen copy)")
 p.add_argument("--ema_decay", type=float, default=0.9, help="EMA of the trained weights, used for eval and export")
+p.add_argument("--ema_every", type=int, default=1, help="optimizer steps between EMA updates (the release: 8)")
 p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="FSDP2 instead of DDP")
 p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="recompute each block's activations in backward (81x480x832 activations outgrow an H200)")
@@ -95,6 +107,10 @@ p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this man
 # rewards
 p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
 p.add_argument("--reward_size", choices=["tiny", "small", "large"], default=None, help="reward models to load")
+p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
+               help="Gaussian rasterizer: auto = gsplat on CUDA (built and checked at start-up), torch elsewhere")
+p.add_argument("--lift_res", type=int, default=None,
+               help="Depth Anything 3 input size, longest side (default: 504, tiny 56)")
 p.add_argument("--w_3d", type=float, default=1.0, help="weight of R_3D = S_meta + S_recon + S_traj")
 p.add_argument("--w_gen", type=float, default=1.0, help="weight of R_gen (HPSv3)")
 p.add_argument("--gen_frames", type=int, default=4, help="HPSv3 averages the first K frames")
@@ -108,6 +124,8 @@ p.add_argument("--dynamic_every", type=int, default=100, help="main steps betwee
 p.add_argument("--dynamic_steps", type=int, default=50, help="steps of each dynamic phase (R_gen only)")
 p.add_argument("--eval_every", type=int, default=None, help="eval on test prompts every N steps (0: never)")
 p.add_argument("--eval_prompts", type=int, default=2, help="test prompts per eval")
+p.add_argument("--eval_steps", type=int, default=None,
+               help="UniPC steps of the eval, the inference sampler (default: sample.py's, 50 real)")
 p.add_argument("--save_every", type=int, default=None, help="checkpoint every N steps (and at the end)")
 p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
 # data, output
@@ -115,65 +133,137 @@ p.add_argument("--train_prompts", default="prompts/train.txt", help="3D-aware tr
 p.add_argument("--dynamic_prompts", default="prompts/dynamic.txt", help="dynamic-phase prompts")
 p.add_argument("--test_prompts", default="prompts/test.txt", help="eval prompts")
 p.add_argument("--out_dir", default="out", help="checkpoints, metrics.jsonl, eval videos")
-p.add_argument("--resume", action="store_true", help="continue from out_dir's latest complete checkpoint")
+p.add_argument("--resume", action="store_true", help="continue from out_dir's latest sound checkpoint")
+p.add_argument("--overwrite", action="store_true",
+               help="start fresh in an out_dir that holds a run; the old run moves to out_dir/replaced_<time>/")
 p.add_argument("--seed", type=int, default=0, help="all randomness derives from it and the step")
 p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (rank 0)")
 p.add_argument("--wandb_project", default="world-r1-nano", help="wandb project")
 
 
 def parse_config(argv):
-    """Apply the --size preset, parse, validate. An unknown flag names its closest valid ones."""
-    args, unknown = p.parse_known_args(argv)
-    for flag in unknown:
-        key = flag.split("=")[0]
-        if key.startswith("-"):
-            close = difflib.get_close_matches(key, [a for act in p._actions for a in act.option_strings], n=3)
-            raise SystemExit(f"error: unknown flag {key}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    args = sample.parse_size_args(p, argv, SIZES)
+    """Apply the --size preset, parse, validate: every mistake stops here with one line, before any model loads."""
+    args = common.parse_flags(p, argv, SIZES)
     sample.check_video_size(args.frames, args.height, args.width)
+    common.check_numbers(args, positive=("steps", "group_size", "prompts_per_rank", "sde_window", "updates_per_epoch",
+                                         "micro_batch", "lr", "max_steps", "save_every", "keep_last", "ema_every",
+                                         "text_len", "max_bad_steps", "eval_prompts", "eval_steps", "depth",
+                                         "lift_res", "clip_range", "adv_clip", "max_grad_norm", "lora_rank",
+                                         "lora_alpha"),
+                         nonnegative=("noise_level", "weight_decay", "beta", "guidance", "ema_decay", "w_3d", "w_gen",
+                                      "gen_frames", "gen_scale", "dynamic_every", "dynamic_steps", "eval_every"),
+                         finite=("meta_angle", "traj_rot_scale", "warp_strength"))
     checks = [
         (args.group_size >= 2, f"--group_size={args.group_size}: a group needs at least 2 videos to compare"),
-        (args.prompts_per_rank >= 1, "--prompts_per_rank must be at least 1"),
-        (1 <= args.sde_window <= args.steps // 2, f"--sde_window={args.sde_window} must fit in the first half of "
-                                                  f"--steps={args.steps}"),
-        (args.updates_per_epoch >= 1, "--updates_per_epoch must be at least 1"),
-        (args.micro_batch >= 1, "--micro_batch must be at least 1"),
-        (args.max_steps >= 1, "--max_steps must be at least 1"),
+        (args.sde_window <= args.steps // 2, f"--sde_window={args.sde_window} must fit in the first half of "
+                                             f"--steps={args.steps}"),
+        (args.ema_decay < 1, f"--ema_decay={args.ema_decay} must be below 1"),
+        (args.depth is None or args.random_weights, "--depth cuts the real architectures: use it with --random_weights"),
+        (not (args.random_weights and args.size == "tiny"), "--random_weights builds the real sizes; use --size=small "
+                                                            "or --size=large (tiny is random already)"),
+        (not (args.resume and args.overwrite), "--resume continues the run in --out_dir, --overwrite replaces it: "
+                                               "pick one"),
     ]
     for ok, message in checks:
         if not ok:
-            raise SystemExit("error: " + message)
+            common.fail(message)
+    common.check_text(args.negative_prompt, "--negative_prompt")
     if args.wandb and importlib.util.find_spec("wandb") is None:
-        raise SystemExit("error: --wandb needs the wandb package: pip install wandb (then wandb login)")
+        common.fail("--wandb needs the wandb package: pip install wandb (then wandb login)")
     if args.warp_strength is None and args.warp_mode == "stepwise":
         args.warp_strength = sample.STEPWISE_STRENGTH[args.size]
+    args.eval_steps = args.eval_steps or sample.SIZES[args.size]["steps"]
     return args
+
+
+# Settings a resumed run must share with its checkpoint (the weights, the rollouts or the rewards would not fit), and
+# settings it may change (applied to the restored optimizer where they live there).
+FIXED_ON_RESUME = ("size", "model", "random_weights", "depth", "frames", "height", "width", "text_len", "lora_rank",
+                   "lora_alpha", "full_finetune", "fsdp", "reward", "reward_size", "group_size", "w_3d", "w_gen")
+OPTIMIZER_ON_RESUME = ("lr", "weight_decay")
+
+
+def stop_together(message):
+    """Collective: if any rank has an error message, every rank stops with the first one (none is left waiting in a
+    collective). Returns when no rank has one."""
+    messages = [message]
+    if dist.is_initialized():
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    for m in messages:
+        if m:
+            raise SystemExit(m if m.startswith("error") else "error: " + m)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 args = parse_config(sys.argv[1:])
 rank, local_rank, world, device = common.setup_dist()
 master = rank == 0
 print0 = common.print0
+dtype = sample.resolve_dtype(args.dtype, device)
 
 # Prompt files and batch arithmetic, checked before any model loads
-train_prompts = sample.read_prompts(args.train_prompts)
-dynamic_prompts = sample.read_prompts(args.dynamic_prompts) if args.dynamic_every else []
-test_prompts = sample.read_prompts(args.test_prompts) if args.eval_every else []
+train_prompts = common.read_lines(args.train_prompts, "--train_prompts")
+dynamic_prompts = common.read_lines(args.dynamic_prompts, "--dynamic_prompts") if args.dynamic_every else []
+test_prompts = common.read_lines(args.test_prompts, "--test_prompts")[:args.eval_prompts] if args.eval_every else []
 groups_per_step = world * args.prompts_per_rank
 for name, prompts in (("--train_prompts", train_prompts), ("--dynamic_prompts", dynamic_prompts)):
     if prompts and len(prompts) < groups_per_step:
-        raise SystemExit(f"error: {name} has {len(prompts)} prompts, fewer than {world} ranks x "
-                         f"{args.prompts_per_rank} prompts per rank; lower --prompts_per_rank or add prompts")
+        common.fail(f"{name} has {len(prompts)} prompts, fewer than {world} ranks x {args.prompts_per_rank} prompts "
+                    "per rank; lower --prompts_per_rank or add prompts")
 transitions_per_rank = args.prompts_per_rank * args.group_size * args.sde_window
 micro_per_update = math.ceil(transitions_per_rank / args.updates_per_epoch / args.micro_batch)
-assert transitions_per_rank >= args.updates_per_epoch, (
-    f"{transitions_per_rank} transitions per rank cannot feed {args.updates_per_epoch} updates; "
-    "raise --group_size/--prompts_per_rank or lower --updates_per_epoch")
-if args.resume and not os.path.isfile(os.path.join(args.out_dir, "latest")):
-    raise SystemExit(f"error: --resume but {args.out_dir} has no complete checkpoint (no 'latest' file); "
-                     "drop --resume to start fresh or point --out_dir at a run")
+if transitions_per_rank < args.updates_per_epoch:
+    common.fail(f"{transitions_per_rank} transitions per rank cannot feed {args.updates_per_epoch} updates; raise "
+                "--group_size/--prompts_per_rank or lower --updates_per_epoch")
+no_camera = [q for q in train_prompts if not noise_warp.parse_camera(q)]
+if no_camera:
+    print0(f"note: {len(no_camera)} of {len(train_prompts)} training prompts name no camera motion (e.g. "
+           f"{no_camera[0][:60]!r}): plain noise, S_traj = 0; the phrases are "
+           + ", ".join(m.replace("_", " ") for m in noise_warp.MOTIONS))
+
+# The run folder: one run owns it (lock), a fresh run never mixes into an old one, every rank sees the same folder,
+# and a resumed run checks its checkpoint and config before any model loads.
+error, resume_from, saved = "", None, None
 if master:
-    sample.make_writable_dir(args.out_dir, "--out_dir")
+    try:
+        common.check_writable_dir(args.out_dir, "--out_dir")
+        lock = checkpoint.RunLock(args.out_dir)  # held until this process exits
+        if args.resume:
+            resume_from, saved = checkpoint.find_resumable(args.out_dir)
+            changed = [k for k in FIXED_ON_RESUME if saved["config"].get(k) != getattr(args, k)]
+            if changed:
+                common.fail("--resume with settings the checkpoint cannot take: " + ", ".join(
+                    f"--{k}={getattr(args, k)} (checkpoint: {saved['config'].get(k)})" for k in changed)
+                            + "; drop them or start a fresh run in another --out_dir")
+        elif checkpoint.holds_a_run(args.out_dir):
+            if not args.overwrite:
+                common.fail(f"{args.out_dir} already holds a run; pass --resume to continue it, --overwrite to move it "
+                            "aside and start fresh, or pick another --out_dir")
+            print0(f"moved the previous run to {checkpoint.move_aside(args.out_dir)}")
+        with open(os.path.join(args.out_dir, ".run_token"), "w") as f:
+            f.write(token := uuid.uuid4().hex)
+    except SystemExit as e:
+        error = str(e.code)
+stop_together(error)
+shared = [token if master else None, resume_from, saved]
+if dist.is_initialized():
+    dist.broadcast_object_list(shared, src=0)
+token, resume_from, saved = shared
+try:
+    with open(os.path.join(args.out_dir, ".run_token")) as f:
+        error = "" if f.read() == token else "a different token"
+except OSError:
+    error = "no token"
+stop_together(error and f"rank {rank} sees {error} in --out_dir={args.out_dir}: every rank must write to the same "
+                        "folder; put --out_dir on a filesystem all nodes share")
+if saved is not None:
+    for k in (k for k in saved["config"] if k not in FIXED_ON_RESUME and saved["config"][k] != vars(args).get(k)):
+        print0(f"resume: --{k} changes from {saved['config'][k]} to {vars(args).get(k)}")
 print0(json.dumps(vars(args), indent=1))
 print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} videos = "
        f"{groups_per_step * args.group_size} videos per step; {transitions_per_rank} window transitions per rank "
@@ -183,10 +273,14 @@ print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} vid
 # Models: Wan (frozen) + LoRA (trained), the reward models, optimizer, EMA
 
 torch.manual_seed(args.seed)
-wan = sample.load_wan(args.model, device)
+if args.random_weights:
+    import bench  # the real architectures with random weights live beside the benchmarks that time them
+    wan = bench.random_wan(args.size, device, dtype, depth=args.depth)
+else:
+    wan = sample.load_wan(args.model, device, dtype)
 raw = wan.transformer  # the unwrapped module; `model` below may wrap it in DDP
 if args.full_finetune:
-    ref_model = copy.deepcopy(raw).requires_grad_(False)  # the KL reference: the pre-trained weights
+    ref_model = copy.deepcopy(raw).requires_grad_(False)  # the KL reference: the pre-trained weights, as loaded
     raw.requires_grad_(True)
 else:
     from peft import LoraConfig
@@ -196,11 +290,16 @@ if args.grad_checkpointing:
     raw.enable_gradient_checkpointing()
 trainable = {n: prm for n, prm in raw.named_parameters() if prm.requires_grad}
 for prm in trainable.values():
-    prm.data = prm.data.float()  # optimizer state and updates in fp32, even when the base model runs in bf16
+    prm.data = prm.data.float()  # master weights, updates and optimizer state in fp32, whatever the model's dtype
+# A fully fine-tuned model now holds fp32 weights: it runs under autocast in `dtype`, as the release runs its fp32
+# weights under accelerate's bf16 autocast. LoRA needs none: peft runs the fp32 adapters beside the bf16 base.
+policy_precision = lambda: torch.autocast(device.type, dtype, enabled=args.full_finetune and dtype != torch.float32)
 if args.fsdp:
+    # No parameter casting: every weight is all-gathered in the dtype it is stored in (bf16, and the fp32 modules Wan
+    # keeps in fp32), so the sharded forward equals the unsharded one and the timestep reaches the time embedder
+    # unrounded. (A root policy with param_dtype=bf16 would cast the timestep and Wan's fp32 modules to bf16.)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in raw.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(raw, mp_policy=mp)
@@ -215,11 +314,45 @@ ema = {n: prm.detach().clone() for n, prm in trainable.items()}
 ema_updates = 0
 print0(f"trainable parameters: {sum(prm.numel() for prm in trainable.values()) * (world if args.fsdp else 1):,}")
 
-rewards_models = reward.load_reward_models(args.reward_size, device) if args.reward == "world" else None
+# Prompt embeddings: each prompt the run can draw is encoded once, here, and kept on the host trimmed to its tokens;
+# then UMT5 leaves the device (UMT5-XXL is 11 GB of bf16 that would otherwise sit idle beside the policy).
+too_long = [q for q in train_prompts + dynamic_prompts + test_prompts
+            if len(wan.tokenizer(sample.clean_prompt(q)).input_ids) > args.text_len]
+if too_long:
+    print0(f"note: {len(too_long)} prompts are longer than --text_len={args.text_len} tokens and are cut (e.g. "
+           f"{too_long[0][:60]!r})")
+embeddings = sample.encode_all(wan, sorted(set(train_prompts + dynamic_prompts + test_prompts + [args.negative_prompt])),
+                               args.text_len)
+del wan.text_encoder
+if device.type == "cuda":
+    torch.cuda.empty_cache()
+print0(f"encoded {len(embeddings)} prompts once ({sum(e.numel() * e.element_size() for e in embeddings.values()) / 2**20:.0f}"
+       " MiB on the host); the text encoder is released")
+
+
+def embed(prompts):
+    """Cached UMT5 states of `prompts`, zero-padded back to text_len: (B, text_len, D) on the device."""
+    return torch.stack([sample.pad_tokens(embeddings[q], args.text_len) for q in prompts]).to(device)
+
+
+uncond = embed([args.negative_prompt])  # (1, L, D), the same every step
+
+if args.reward == "world":
+    if args.random_weights:
+        rewards_models = bench.random_reward_models(device, dtype, depth=args.depth, process_res=args.lift_res or 504)
+    else:
+        rewards_models = reward.load_reward_models(args.reward_size, device, dtype, process_res=args.lift_res)
+    error = ""
+    for turn in (0, 1):  # local rank 0 builds gsplat's CUDA kernels first; the others then load the finished build
+        if (local_rank == 0) == (turn == 0):
+            try:
+                print(f"[rank {rank}] " + reward.check_renderer(device, args.renderer), flush=True)
+            except SystemExit as e:
+                error = str(e.code)
+        barrier()
+    stop_together(error)
 sigmas = sample.flow_sigmas(args.steps, wan.scheduler.config.flow_shift)
 shape = sample.latent_shape(args.frames, args.height, args.width)
-dtype = next(raw.parameters()).dtype if not args.fsdp else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-uncond = sample.encode(wan, [args.negative_prompt], args.text_len).to(dtype)  # (1, L, D), the same every step
 
 
 @contextlib.contextmanager
@@ -280,10 +413,22 @@ def rollout_generator(step, j):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written to <dir>.tmp and renamed when complete, so a crash mid-write never harms the last one
+# Checkpoints (checkpoint.py: layout, validation, rotation): written to <dir>.tmp and renamed when complete
+
+def all_finite(tensors):
+    """Collective: every rank's tensors are finite (FSDP shards differ per rank, so the ranks must agree)."""
+    ok = torch.tensor([float(all(bool(torch.isfinite(t.full_tensor() if hasattr(t, "full_tensor") else t).all())
+                                 for t in tensors))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
 
 def save_checkpoint(step):
-    final = os.path.join(args.out_dir, f"ckpt_{step:06d}")
+    if not all_finite(list(trainable.values()) + list(ema.values())):  # a NaN checkpoint must never become `latest`
+        raise SystemExit(f"error: the trained weights or their EMA hold non-finite values at step {step}; not saved. "
+                         f"The last checkpoint in {args.out_dir} is intact: lower --lr and --resume")
+    final = os.path.join(args.out_dir, checkpoint.folder_name(step))
     tmp = final + ".tmp"
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -309,12 +454,8 @@ def save_checkpoint(step):
     if master:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        with open(os.path.join(args.out_dir, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(args.out_dir, "latest.tmp"), os.path.join(args.out_dir, "latest"))
-        done = sorted(d for d in os.listdir(args.out_dir) if d.startswith("ckpt_") and not d.endswith(".tmp"))
-        for old in done[:-args.keep_last]:
-            shutil.rmtree(os.path.join(args.out_dir, old))
+        checkpoint.write_latest(args.out_dir, final)
+        checkpoint.rotate(args.out_dir, args.keep_last, final)
     barrier()
 
 
@@ -328,12 +469,8 @@ def export_lora(folder):
                                       transformer_lora_adapter_metadata=raw.peft_config["default"].to_dict())
 
 
-def load_checkpoint():
+def load_checkpoint(folder, state):
     global ema_updates
-    with open(os.path.join(args.out_dir, "latest")) as f:
-        folder = os.path.join(args.out_dir, f.read().strip())
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
     if args.fsdp:
         import torch.distributed.checkpoint as dcp
         blob = {"model": {n: prm.detach() for n, prm in trainable.items()}, "ema": ema,
@@ -343,12 +480,18 @@ def load_checkpoint():
     else:
         weights, saved_ema = load_file(os.path.join(folder, "trainable.safetensors")), load_file(
             os.path.join(folder, "ema.safetensors"))
+        if weights.keys() != trainable.keys():
+            raise SystemExit(f"error: {folder} holds weights for another model ({len(weights)} tensors, this model "
+                             f"trains {len(trainable)}); start a fresh run in another --out_dir")
         with torch.no_grad():
             for n, prm in trainable.items():
                 prm.copy_(weights[n])
                 ema[n].copy_(saved_ema[n])
         optim_state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location=device)
     set_optimizer_state_dict(raw, optimizer, optim_state)
+    for group in optimizer.param_groups:  # the flags of this run, not the checkpoint's (say so when they differ)
+        for k in OPTIMIZER_ON_RESUME:
+            group[k] = getattr(args, k)
     rng_file = os.path.join(folder, f"rng_rank{rank}.pt")
     if os.path.exists(rng_file):  # absent when resuming on more ranks; all our draws derive from seed and step
         rng = torch.load(rng_file, weights_only=True)
@@ -359,7 +502,7 @@ def load_checkpoint():
     metrics = os.path.join(args.out_dir, "metrics.jsonl")
     if master and os.path.exists(metrics):  # drop lines of steps after the checkpoint: they will be redone
         with open(metrics) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= state["step"]]
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
         with open(metrics + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(metrics + ".tmp", metrics)
@@ -367,13 +510,8 @@ def load_checkpoint():
     return state["step"] + 1
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def all_mean(values):
-    """Mean over ranks of a dict of floats (every rank holds the same keys)."""
+    """Mean over ranks of a dict of floats (every rank holds the same keys); NaN where any rank has NaN."""
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -400,51 +538,59 @@ else:
 
 
 def log(record):
+    """One strict-JSON line per step: a non-finite number becomes null and its key is listed under "nonfinite"."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    record = {k: (None if k in bad else v) for k, v in record.items()} | ({"nonfinite": bad} if bad else {})
     run.log(record, step=record["step"])
     if master:
         with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def score(videos, prompts, paths, dynamic, latents):
-    """Rewards for a batch of videos: {name: (B,) tensor}, key "total" the one we optimise."""
+def score_videos(videos, prompts, paths, dynamic, latents):
+    """Rewards of one group -> (totals (G,) with NaN where bad, bad (G,) bool, components {name: (G,)}, reasons)."""
     if args.reward == "toy":
-        return {"total": reward.toy_reward(latents)}
+        t = reward.toy_reward(latents)
+        return t, torch.zeros(len(t), dtype=torch.bool), {}, [""] * len(t)
     out = reward.score(rewards_models, videos, prompts, paths, dynamic, w_3d=args.w_3d, w_gen=args.w_gen,
                        gen_frames=args.gen_frames, gen_scale=args.gen_scale, meta_angle=args.meta_angle,
                        traj_rot_scale=args.traj_rot_scale)
-    out.pop("reasons")  # reward.score has printed each one
-    return out
+    parts = {k: out[k] for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}
+    return out["total"], out["bad"], parts, out["reasons"]
 
 
 @torch.no_grad()
-def evaluate(step):
-    """EMA weights, ODE rollouts (no SDE window) on the first `eval_prompts` test prompts, videos saved.
-    Returns the mean reward over those prompts (all ranks)."""
+def run_eval(step):
+    """EMA weights, the inference sampler (UniPC, --eval_steps) on the first `eval_prompts` test prompts, videos
+    saved. Every rank runs the same number of samples (FSDP's collectives need all ranks in every forward): a rank
+    with no prompt left samples one anyway and discards it. Returns the mean reward over the scorable videos."""
     folder = os.path.join(args.out_dir, "eval", f"step_{step:06d}")
     os.makedirs(folder, exist_ok=True)
     total, count = 0.0, 0
-    with ema_weights():
-        for i in range(rank, args.eval_prompts, world):
-            prompt = test_prompts[i % len(test_prompts)]
+    with ema_weights(), policy_precision():
+        for i in range(rank, world * math.ceil(len(test_prompts) / world), world):
+            prompt = test_prompts[min(i, len(test_prompts) - 1)]
             g = torch.Generator(device).manual_seed(args.seed + i)  # same noise at every eval: curves compare
             noise, inject, motions = sample.camera_noise(prompt, shape, g, args.warp_mode, args.warp_strength,
                                                          device=device)
-            cond = sample.encode(wan, [prompt], args.text_len).to(dtype)
-            lat, _ = sample.denoise(raw, noise, cond, uncond, sigmas, args.guidance, inject=inject)
+            lat, _ = sample.denoise(raw, noise, embed([prompt]), uncond, sample.flow_sigmas(args.eval_steps, wan.scheduler.config.flow_shift),
+                                    args.guidance, scheduler=wan.scheduler, inject=inject)
+            if i >= len(test_prompts):
+                continue
             video = sample.decode(wan.vae, lat)
             path = noise_warp.camera_path(motions, args.frames) if motions else None
-            total += score(video, [prompt], [path], dynamic=False, latents=lat)["total"].sum().item()
-            count += 1
+            t, bad, _, _ = score_videos(video, [prompt], [path], False, lat)
+            if not bad.any():
+                total, count = total + t.sum().item(), count + 1
             sample.save_video(os.path.join(folder, f"{i:04d}.mp4"), video[0])
     sums = all_mean({"total": total, "count": count})
-    return sums["total"] / sums["count"]
+    return sums["total"] / sums["count"] if sums["count"] else math.nan
 
 
 # -----------------------------------------------------------------------------
 # The loop
 
-start = load_checkpoint() if args.resume else 0
+start = load_checkpoint(resume_from, saved) if args.resume else 0
 bad_steps = 0
 for step in range(start, args.max_steps):
     t0 = time.time()
@@ -453,64 +599,81 @@ for step in range(start, args.max_steps):
     # 1. Rollouts: one group per prompt, all on this rank
     batch = []  # one dict per group
     model.eval()
-    for j, prompt in enumerate(tqdm(prompts_for(step), desc=f"step {step} rollouts", disable=not master, leave=False)):
-        g = rollout_generator(step, j)
-        noise, inject, motions = sample.camera_noise(prompt, shape, g, args.warp_mode, args.warp_strength,
-                                                     device=device)
-        cond = sample.encode(wan, [prompt], args.text_len).to(dtype)
-        window_start = int(torch.randint(0, args.steps // 2 - args.sde_window + 1, (1,), generator=g, device=device))
-        latents, transitions = sample.rollout(raw, cond, uncond, noise, sigmas, args.guidance,
-                                              group_size=args.group_size, window_start=window_start,
-                                              window_size=args.sde_window, noise_level=args.noise_level,
-                                              generator=g, inject=inject)
-        batch.append(dict(prompt=prompt, cond=cond, transitions=transitions, latents=latents,
-                          videos=sample.decode(wan.vae, latents),
-                          path=noise_warp.camera_path(motions, args.frames) if motions else None))
+    with policy_precision():
+        for j, prompt in enumerate(tqdm(prompts_for(step), desc=f"step {step} rollouts", disable=not master,
+                                        leave=False)):
+            g = rollout_generator(step, j)
+            noise, inject, motions = sample.camera_noise(prompt, shape, g, args.warp_mode, args.warp_strength,
+                                                         device=device)
+            cond = embed([prompt])
+            window_start = int(torch.randint(0, args.steps // 2 - args.sde_window + 1, (1,), generator=g,
+                                             device=device))
+            latents, transitions = sample.rollout(raw, cond, uncond, noise, sigmas, args.guidance,
+                                                  group_size=args.group_size, window_start=window_start,
+                                                  window_size=args.sde_window, noise_level=args.noise_level,
+                                                  sde_noise=args.sde_noise, generator=g, inject=inject)
+            batch.append(dict(prompt=prompt, cond=cond, transitions=transitions, latents=latents,
+                              videos=sample.decode(wan.vae, latents),
+                              path=noise_warp.camera_path(motions, args.frames) if motions else None))
     t1 = time.time()
 
-    # 2. Rewards -> advantages, per group (groups are rank-local)
-    scores = [score(b["videos"], [b["prompt"]] * args.group_size, [b["path"]] * args.group_size, ph == "dynamic",
-                    b["latents"])
-              for b in batch]
-    rewards = torch.cat([s["total"] for s in scores]).to(device)
+    # 2. Rewards -> advantages, per group (groups are rank-local). A video that cannot be scored gets a score below
+    # every real video of its group; a systemic failure (out of memory, CUDA, a critic failing on every video)
+    # stops all ranks together, with the last checkpoint intact.
+    error, totals, bads, parts, reasons = "", [], [], [], []
+    try:
+        for b in batch:
+            t, bad, part, why = score_videos(b["videos"], [b["prompt"]] * args.group_size,
+                                             [b["path"]] * args.group_size, ph == "dynamic", b["latents"])
+            totals.append(t), bads.append(bad), parts.append(part), reasons.extend(why)
+    except Exception as e:  # is_systemic: every later video would fail the same way
+        error = f"the reward failed at step {step} ({type(e).__name__}: {str(e)[:300]})"
+    counts = Counter(r.split(":")[0] for why in reasons for r in why.split("; ") if r)
+    failing = [k for k, n in counts.items() if k.endswith(" failed") and n == len(reasons) > 1]
+    if failing and not error:
+        error = f"{', '.join(failing)} on every video of step {step} (e.g. {reasons[0][:300]})"
+    stop_together(error and error + f"; stopping. The last checkpoint in {args.out_dir} is intact")
+    rewards, bad = torch.cat(totals).to(device), torch.cat(bads).to(device)
     group_ids = torch.arange(len(batch), device=device).repeat_interleave(args.group_size)
-    adv = grpo.group_advantages(rewards, group_ids, args.adv_clip)
-    if args.zero_advantages:
-        adv = torch.zeros_like(adv)
+    filled = grpo.fill_bad(rewards, bad, group_ids)
+    adv = torch.zeros_like(filled) if args.zero_advantages else grpo.group_advantages(filled, group_ids, args.adv_clip)
     t2 = time.time()
 
-    # 3. Updates: the window transitions, shuffled, split into `updates_per_epoch` optimizer steps. The first
-    # update is exactly on-policy (ratio 1); later ones see weights the earlier ones moved, where the clip acts.
-    items = [(gi, k, ti) for gi in range(len(batch)) for ti in range(args.sde_window) for k in range(args.group_size)]
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(hash((args.seed, step, rank)) % 2**62)).tolist()
-    chunks = [order[u::args.updates_per_epoch] for u in range(args.updates_per_epoch)]
+    # 3. Updates. One flat batch of this rank's window transitions, (groups x window steps x G) of them, each with
+    # its video's advantage; shuffled once and dealt into `updates_per_epoch` optimizer steps of micro-batches. The
+    # first update is exactly on-policy (ratio 1); later ones see weights the earlier ones moved, where the clip acts.
+    steps = [(b, t) for b in batch for t in b["transitions"]]
+    x = torch.cat([t["x"] for _, t in steps])  # (N, 16, T, h, w)
+    x_next = torch.cat([t["x_next"] for _, t in steps])
+    old_logp = torch.cat([t["log_prob"] for _, t in steps])  # (N,)
+    sig = torch.cat([sigmas[t["step"]].repeat(args.group_size) for _, t in steps]).to(device)
+    sig_next = torch.cat([sigmas[t["step"] + 1].repeat(args.group_size) for _, t in steps]).to(device)
+    cond = torch.cat([b["cond"].expand(args.group_size, -1, -1) for b, _ in steps])  # (N, L, D)
+    a = torch.cat([adv[gi * args.group_size:(gi + 1) * args.group_size] for gi, b in enumerate(batch)
+                   for _ in b["transitions"]])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(hash((args.seed, step, rank)) % 2**62))
     model.train()
     stats = []
-    for u, chunk in enumerate(chunks):
-        micro = [chunk[m:m + args.micro_batch] for m in range(0, len(chunk), args.micro_batch)]
+    for u in range(args.updates_per_epoch):
+        chunk = order[u::args.updates_per_epoch]
+        micro = chunk.split(args.micro_batch)
         for m, ids in enumerate(micro):
-            last = m == len(micro) - 1
             if args.fsdp:
-                model.set_requires_gradient_sync(last)
-            elif world > 1:
-                model.require_backward_grad_sync = last  # all-reduce gradients only on the update's last micro-batch
-            sel = [items[i] for i in ids]
-            tr = [batch[gi]["transitions"][ti] for gi, _, ti in sel]
-            x = torch.stack([t["x"][k] for (_, k, _), t in zip(sel, tr)])
-            x_next = torch.stack([t["x_next"][k] for (_, k, _), t in zip(sel, tr)])
-            old_logp = torch.stack([t["log_prob"][k] for (_, k, _), t in zip(sel, tr)])
-            sig = torch.tensor([float(sigmas[t["step"]]) for t in tr], device=device)
-            sig_next = torch.tensor([float(sigmas[t["step"] + 1]) for t in tr], device=device)
-            cond = torch.cat([batch[gi]["cond"] for gi, _, _ in sel])
-            a = adv[torch.tensor([gi * args.group_size + k for gi, k, _ in sel], device=device)]
-            logp, mean, std = sample.step_log_prob(model, x, x_next, sig, sig_next, cond, uncond.expand_as(cond),
-                                                   args.guidance, args.noise_level, float(sigmas[1]))
-            loss, clip_frac, approx_kl = grpo.policy_loss(logp, old_logp, a, args.clip_range)
+                model.set_requires_gradient_sync(m == len(micro) - 1)
+            elif world > 1:  # all-reduce gradients only on the update's last micro-batch
+                model.require_backward_grad_sync = m == len(micro) - 1
+            ids = ids.to(device)
+            kw = dict(noise_level=args.noise_level, sigma_max=float(sigmas[1]), sde_noise=args.sde_noise)
+            c, uc = cond[ids], uncond.expand(len(ids), -1, -1)
+            with policy_precision():
+                logp, mean, std = sample.step_log_prob(model, x[ids], x_next[ids], sig[ids], sig_next[ids], c, uc,
+                                                       args.guidance, **kw)
+            loss, clip_frac, approx_kl = grpo.policy_loss(logp, old_logp[ids], a[ids], args.clip_range)
             kl = torch.zeros((), device=device)
             if args.beta > 0:
                 with torch.no_grad(), reference_weights() as ref:
-                    _, ref_mean, _ = sample.step_log_prob(ref, x, x_next, sig, sig_next, cond, uncond.expand_as(cond),
-                                                          args.guidance, args.noise_level, float(sigmas[1]))
+                    _, ref_mean, _ = sample.step_log_prob(ref, x[ids], x_next[ids], sig[ids], sig_next[ids], c, uc,
+                                                          args.guidance, **kw)
                 kl = grpo.kl_loss(mean, ref_mean, std)
             ((loss + args.beta * kl) / len(micro)).backward()
             stats.append(dict(loss=loss.item(), clip_frac=clip_frac.item(), approx_kl=approx_kl.item(),
@@ -520,18 +683,22 @@ for step in range(start, args.max_steps):
         if math.isfinite(grad_norm):  # the norm is taken after the all-reduce: every rank decides alike
             optimizer.step()
             bad_steps = 0
-            ema_updates += 1
-            decay = min(args.ema_decay, (1 + ema_updates) / (10 + ema_updates))  # short memory while EMA warms up
-            with torch.no_grad():
-                for n, prm in trainable.items():
-                    ema[n].lerp_(prm.detach(), 1 - decay)
+            if (step * args.updates_per_epoch + u + 1) % args.ema_every == 0:  # counts optimizer steps
+                ema_updates += 1
+                decay = min(args.ema_decay, (1 + ema_updates) / (10 + ema_updates))  # short memory while warming up
+                with torch.no_grad():
+                    for n, prm in trainable.items():
+                        ema[n].lerp_(prm.detach(), 1 - decay)
         else:
             bad_steps += 1
             print0(f"step {step} update {u}: non-finite gradient norm, update skipped ({bad_steps} in a row)")
-            if bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"stopping: {bad_steps} non-finite updates in a row; the last checkpoint in "
-                                 f"{args.out_dir} is intact (lower --lr or check the rewards)")
         optimizer.zero_grad(set_to_none=True)
+    nonfinite = sum("not finite" in r for r in reasons)
+    if nonfinite:  # a NaN/inf reward is named by reward.score; it was scored as a bad video, and counts here
+        bad_steps += 1
+    stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards; stopping. The last checkpoint "
+                  f"in {args.out_dir} is intact (lower --lr or check the rewards)" if bad_steps >= args.max_bad_steps
+                  else "")
     t3 = time.time()
 
     # 4. Log (means over ranks), eval, checkpoint
@@ -539,9 +706,12 @@ for step in range(start, args.max_steps):
     for u in range(args.updates_per_epoch):  # the on-policy check: update 0's clip fraction must be 0
         record[f"clip_frac_{u}"] = sum(s["clip_frac"] for s in stats if s["update"] == u) / max(1, sum(
             s["update"] == u for s in stats))
-    for key in scores[0]:
-        record["reward" if key == "total" else key] = torch.cat([s[key] for s in scores]).float().mean().item()
-    record.update(adv_abs=adv.abs().mean().item(), adv_max=adv.max().item(), grad_norm=grad_norm)
+    good = ~bad.cpu()
+    record["reward"] = rewards.cpu()[good].mean().item() if good.any() else math.nan
+    for key in parts[0]:
+        record[key] = torch.cat([pt[key] for pt in parts])[good].float().mean().item() if good.any() else math.nan
+    record.update(adv_abs=adv.abs().mean().item(), adv_max=adv.max().item(), grad_norm=grad_norm,
+                  bad_videos=float(bad.sum()))
     if not args.fsdp and world > 1:  # DDP keeps full copies: their checksums must agree on every rank
         checksum = torch.stack([sum(prm.detach().double().sum() for prm in trainable.values()),
                                 sum(prm.detach().double().square().sum() for prm in trainable.values())])
@@ -549,19 +719,20 @@ for step in range(start, args.max_steps):
         dist.all_gather(sums, checksum)
         record["param_sync_err"] = max(float((s - sums[0]).abs().max()) for s in sums)
     record = all_mean(record)
-    prompts = [b["prompt"] for b in batch]
+    gathered = [([b["prompt"] for b in batch], counts)]
     if dist.is_initialized():
         gathered = [None] * world
-        dist.all_gather_object(gathered, prompts)
-        prompts = [q for rank_prompts in gathered for q in rank_prompts]
-    record.update(step=step, phase=ph, t_rollout=t1 - t0, t_reward=t2 - t1, t_train=t3 - t2, prompts=prompts)
+        dist.all_gather_object(gathered, ([b["prompt"] for b in batch], counts))
+    record.update(step=step, phase=ph, t_rollout=t1 - t0, t_reward=t2 - t1, t_train=t3 - t2,
+                  prompts=[q for qs, _ in gathered for q in qs], reasons=dict(sum((c for _, c in gathered), Counter())))
     print0(f"step {step:5d} {ph:7s} reward {record['reward']:.4f} "
            + " ".join(f"{k} {record[k]:.3f}" for k in ("S_meta", "S_recon", "S_traj", "R_gen") if k in record)
            + f" | adv {record['adv_abs']:.2f} clip {record['clip_frac_0']:.2f}/{record[f'clip_frac_{args.updates_per_epoch - 1}']:.2f}"
            f" approx_kl {record['approx_kl']:.2e} kl {record['kl']:.2e} loss {record['loss']:.4f}"
-           f" gnorm {grad_norm:.3f} | rollout {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s")
+           f" gnorm {grad_norm:.3f} | rollout {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s"
+           + (f" | {int(record['bad_videos'] * world)} bad videos" if record["bad_videos"] else ""))
     if args.eval_every and (step + 1) % args.eval_every == 0:
-        record["eval_reward"] = evaluate(step)
+        record["eval_reward"] = run_eval(step)
         print0(f"step {step:5d} eval reward {record['eval_reward']:.4f}")
     log(record)
     if (step + 1) % args.save_every == 0 or step == args.max_steps - 1:

@@ -176,6 +176,6 @@ def test_recomputed_log_probs_match_the_rollout(tiny):
         i = t["step"]
         logp, _, _ = sample.step_log_prob(wan.transformer, t["x"], t["x_next"], float(sigmas[i]),
                                           float(sigmas[i + 1]), cond.expand(G, -1, -1), uncond.expand(G, -1, -1),
-                                          5.0, 0.7, float(sigmas[1]))
+                                          5.0, noise_level=0.7, sigma_max=float(sigmas[1]))
         ratio = torch.exp(logp - t["log_prob"])
         torch.testing.assert_close(ratio, torch.ones(G), rtol=0, atol=1e-5)
