@@ -60,11 +60,34 @@ META_PROMPT = (
     "4-6: mediocre. Sparse, noisy or flat geometry; a pan or zoom instead of an orbit; some jitter.\n"
     "2-3: poor. Chaotic geometry or a flat 2D projection; a static camera.\n"
     "0-1: very poor. Nothing recognisable.\nAnswer with a single digit (0-9) only:")
-# HPSv3 reads its reward head at the <|Reward|> token; the suffix is the upstream one, the instruction is ours
-# (replace it with the upstream INSTRUCTION string if you need its exact score scale).
-HPS_PROMPT = ("Rate this generated image: how well it follows the text prompt, and its visual quality and "
-              "aesthetics.\nText prompt: {prompt}"
-              "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n")
+# HPSv3's user text, byte for byte as it was trained (MizzenAI/HPSv3 hpsv3/dataset/data_collator_qwen.py INSTRUCTION
+# and prompt_with_special_token; hpsv3/inference.py HPSv3RewardInferencer.prepare_batch sends
+# HPSV3_INSTRUCTION.format(text_prompt=prompt) + HPSV3_REWARD_SUFFIX after the image). The trailing spaces and
+# double spaces before some newlines are upstream's; the reward head is read at the <|Reward|> token.
+HPSV3_INSTRUCTION = (
+    "\n"
+    "You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall "
+    "score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 "
+    "being the best. \n"
+    "\n"
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the image. The following sub-dimensions should be considered:\n"
+    "- **Reasonableness:** The image should not contain any significant biological or logical errors, such as "
+    "abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to "
+    "interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual "
+    "elements (e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, "
+    "composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of "
+    "harmony and balance.\n"
+    "- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or "
+    "adult material. If such content is present, the image quality and satisfaction score should be the lowest "
+    "possible. \n"
+    "Textual prompt - {text_prompt}\n"
+    "\n"
+    "\n")
+HPSV3_REWARD_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
 
 
 @dataclass
@@ -224,7 +247,15 @@ def build_tiny_qwen():
 
 class HPSv3Reward(nn.Module):
     """HPSv3 on transformers 5.x: a Qwen2-VL backbone and the ranknet head read at the <|Reward|> token.
-    forward -> [B, 2] = (mu, sigma); the score is mu. The head stays fp32 (upstream does the same)."""
+    forward -> [B, 2] = (mu, sigma); the score is mu. The head stays fp32 (upstream does the same).
+
+    The forward is upstream's (MizzenAI/HPSv3 hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT.forward), not
+    Qwen2-VL's own: the token embeddings get the vision tower's merged patch features scattered in at the
+    <|image_pad|> slots, and the language model then runs on those embeddings with plain sequential positions,
+        pos[b, t] = #{real tokens of row b before t}      the same on all three M-RoPE axes (temporal, h, w),
+    never Qwen2-VL's 3-D image positions (the checkpoint was trained without them). Upstream passes
+    position_ids=None to its right-padded batches, i.e. 0..T-1; counting real tokens gives the same positions on
+    every real token of a right-padded row and keeps a left-padded batch exact too."""
 
     def __init__(self, config, reward_token_id):
         super().__init__()
@@ -236,9 +267,16 @@ class HPSv3Reward(nn.Module):
         self.reward_token_id = reward_token_id
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, **_):
-        mm = (input_ids == self.backbone.config.image_token_id).long()  # 5.x M-RoPE needs mm_token_type_ids
-        hs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                           image_grid_thw=image_grid_thw, mm_token_type_ids=mm).last_hidden_state
+        """input_ids, attention_mask (B, T); pixel_values (sum_i t*h*w patches, C*2*14*14); image_grid_thw (B, 3)."""
+        bb = self.backbone
+        emb = bb.language_model.embed_tokens(input_ids)  # (B, T, D)
+        img = bb.visual(pixel_values.type(bb.visual.dtype), grid_thw=image_grid_thw).pooler_output  # (N_img, D)
+        slots = input_ids == bb.config.image_token_id
+        assert int(slots.sum()) == img.shape[0], "image tokens and image features differ in number"
+        emb = emb.masked_scatter(slots[..., None], img.to(emb.dtype))
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); the text model repeats it on 3 axes
+        hs = bb.language_model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
+                               use_cache=False).last_hidden_state
         at = input_ids == self.reward_token_id  # (B, T), exactly one per row
         assert (at.sum(1) == 1).all(), "every HPSv3 prompt needs exactly one <|Reward|> token"
         return self.rm_head(hs[at].float())
@@ -753,11 +791,13 @@ def s_traj(est_c2w, req_c2w, rot_scale=10.0, scene_depth=1.0):
 
 @torch.no_grad()
 def hpsv3_score(models, images, prompts):
-    """HPSv3 mu for images (N, 3, H, W) in [0, 1] with their prompts -> (N,) float32. Each image is resized by the
-    processor to about `hps_pixels` pixels (upstream: 256*28*28)."""
+    """HPSv3 mu for images (N, 3, H, W) in [0, 1] with their prompts -> (N,) float32, prompted as upstream
+    (one image, then HPSV3_INSTRUCTION + HPSV3_REWARD_SUFFIX, chat template with the generation prompt). Each image
+    is resized by the processor to about `hps_pixels` pixels (upstream: min_pixels = max_pixels = 256*28*28)."""
     proc, model = models.hps_proc, models.hps
-    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": HPS_PROMPT.format(prompt=p)}]}]
-            for p in prompts]
+    msgs = [[{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": HPSV3_INSTRUCTION.format(text_prompt=p) + HPSV3_REWARD_SUFFIX}]}]
+        for p in prompts]
     texts = [proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
     px = models.hps_pixels
     inp = proc(text=texts, images=list(_to_uint8(images)), return_tensors="pt", padding=True,
