@@ -755,35 +755,46 @@ def _relative(c2w):
     return torch.linalg.inv(c2w[0]) @ c2w
 
 
-def _frame_points(c2w, rho):
-    """Each camera as 4 points: its centre and the tips of its axes at distance rho. (F,4,4) -> (4F, 3)."""
-    c, R = c2w[:, :3, 3], c2w[:, :3, :3]
-    return torch.cat([c, *(c + rho * R[:, :, i] for i in range(3))])
+def _pose_error(c2w_a, c2w_b):
+    """Per-frame pose error |c_a - c_b| + geo(R_a, R_b) in radians, (F, 4, 4) x2 -> (F,)."""
+    return (c2w_a[:, :3, 3] - c2w_b[:, :3, 3]).norm(dim=-1) + torch.deg2rad(geodesic_deg(c2w_a[:, :3, :3],
+                                                                                         c2w_b[:, :3, :3]))
 
 
-def s_traj(est_c2w, req_c2w, rot_scale=10.0, scene_depth=1.0):
-    """exp(-(mean_i |c_hat_i - c_i| / L + mean_i geo(R_hat_i, R_i) / rot_scale)), both paths relative to their
-    first camera (float64; the requested path is resampled to the estimate's frame count by nearest index).
-    Translating request (path length L > 0): a Sim(3) Umeyama fit of the estimated to the requested camera
-    frames (centre + axis tips at each path's mean step), applied to the whole pose (c_hat = sRc + t,
-    R_hat = R_a R). Centres alone leave the roll about a straight path (push, move) free; the axis tips fix it.
-    Static request (pan, fixed): nothing to align or scale, so no alignment; L = 1 and the estimated centres are
-    divided by the scene depth, so a camera that drifts by 10% of the depth costs 0.1."""
-    est, req = est_c2w.double(), torch.as_tensor(req_c2w, dtype=torch.float64, device=est_c2w.device)
+def s_traj(est_c2w, req_c2w, rot_scale=10.0, scene_depth=1.0, req_depth=1000.0, kappa=0.5):
+    """How well the estimated camera path follows the requested one, in [0, 1], float64 inside:
+
+        S   = exp(-(mean_i |c_hat_i - c_i| + mean_i geo(R_hat_i, R_i)) / tau)     L2 translation + geodesic rotation
+        tau = kappa max(E_0, rad(theta) / 2),   E_0 = mean_i |c_i| + geo(I, R_i)  (the error of a still camera)
+
+    est_c2w (F, 4, 4) from Depth Anything 3 in its units, F >= 2; req_c2w (M, 4, 4) in trajectory units,
+    resampled to F frames by nearest index; theta = rot_scale (degrees). Both paths are taken relative to their
+    first camera (this removes DA3's world frame), then each translation is divided by its scene depth: the
+    estimate's by `scene_depth` (median DA3 depth of frame 0), the request's by `req_depth` (the plane the camera
+    warp moves, 1000 in noise_warp). So c_hat and c are in scene depths and no scale is fitted: a video shows
+    only translation / depth (parallax) and the warp asks for exactly that, while a fitted scale would stretch a
+    still or barely moving camera onto any requested path. geo is in radians: a pan of x rad and a sideways step
+    of x scene depths move the image centre by the same f x pixels, so the two terms add in one unit.
+    tau makes every error a fraction of what a still camera gets wrong: a still camera scores exp(-1 / kappa) =
+    0.135 against every moving request (push, pan, orbit, composites alike), the exact path 1, a straight path at
+    a times the speed exp(-|1 - a| / kappa) (opposite 0.018); a scene depth read k times too deep reads as speed
+    1 / k. A "fixed" request (E_0 = 0) is judged as strictly as a theta-degree pan, whose still-camera error is
+    rad(theta) / 2. Fewer than 2 frames, a non-finite estimate or a non-positive scene depth raise ValueError."""
+    est = est_c2w.double()
+    req = torch.as_tensor(req_c2w, dtype=torch.float64, device=est.device)
     n = len(est)
+    if n < 2 or not torch.isfinite(est).all() or not scene_depth > 0:
+        raise ValueError(f"s_traj: need >= 2 finite poses and a positive scene depth (got {n} frames, "
+                         f"scene depth {scene_depth})")
     if len(req) != n:
         req = req[torch.round(torch.arange(n) * (len(req) - 1) / max(n - 1, 1)).long()]
     est, req = _relative(est), _relative(req)
-    L = (req[1:, :3, 3] - req[:-1, :3, 3]).norm(dim=-1).sum()
-    if L > 1e-9:
-        L_est = (est[1:, :3, 3] - est[:-1, :3, 3]).norm(dim=-1).sum()
-        s, Ra, t = umeyama(_frame_points(est, L_est / (n - 1)), _frame_points(req, L / (n - 1)))
-        c_hat, R_hat = s * est[:, :3, 3] @ Ra.T + t, Ra @ est[:, :3, :3]
-    else:
-        L = torch.ones((), dtype=torch.float64)
-        c_hat, R_hat = est[:, :3, 3] / max(float(scene_depth), 1e-6), est[:, :3, :3]
-    dev = (c_hat - req[:, :3, 3]).norm(dim=-1).mean() / L + geodesic_deg(R_hat, req[:, :3, :3]).mean() / rot_scale
-    return float(torch.exp(-dev))
+    est[:, :3, 3] /= float(scene_depth)
+    req[:, :3, 3] /= float(req_depth)
+    err = _pose_error(est, req).mean()
+    still = _pose_error(torch.eye(4, dtype=torch.float64, device=est.device).expand_as(req), req).mean()
+    tau = kappa * torch.clamp(still, min=math.radians(rot_scale) / 2)
+    return float(torch.exp(-err / tau))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -210,30 +210,48 @@ def test_geodesic_distance_on_known_rotations():
 
 
 def test_s_traj_values():
+    """Analytic cases of S = exp(-E / (kappa max(E_0, rad(theta) / 2))), kappa = 0.5, theta = 10 deg; here the
+    request is in scene units (req_depth = the scene depth), as if the warp plane sat at the scene."""
+    d = 5.0
+    S = lambda est, req, **kw: reward.s_traj(est, req, **{"scene_depth": d, "req_depth": d, **kw})  # noqa: E731
     req = orbit()
-    assert reward.s_traj(req, req) > 1 - 1e-9
-    # the same path in another world frame and scale (DA3's gauge) still scores 1
+    assert S(req, req) > 1 - 1e-9
+    # the same path in another world frame and scale (DA3's gauge), the scene depth in that scale: still 1
     T = torch.eye(4, dtype=torch.float64)
     T[:3, :3] = torch.tensor(Rotation.random(random_state=4).as_matrix())
     T[:3, 3] = torch.tensor([1.0, -2.0, 0.5])
     est = T @ req
     est[:, :3, 3] *= 0.37
-    assert reward.s_traj(est, req) > 1 - 1e-9
+    assert S(est, req, scene_depth=0.37 * d) > 1 - 1e-9
+    # straight moves: speed a along the request scores exp(-|1 - a| / kappa); a still camera exp(-2) whatever
+    # the path, so no alignment can stretch it onto the request
     push = straight()
-    assert reward.s_traj(push, push) > 1 - 1e-9
-    assert reward.s_traj(straight(direction=(-1, 0, 0)), straight(direction=(1, 0, 0))) < 0.01  # wrong way
-    # a static video against a push-in: no rotation error; its centres land on the fitted centroid, a mean error
-    # of about L/4 (the translation term is normalised by the path length, so it is mild)
-    assert 0.7 < reward.s_traj(torch.eye(4, dtype=torch.float64).repeat(9, 1, 1), push) < 0.8
-    # static request (a pan): rotation error in units of rot_scale, drift in units of the scene depth
+    for a in (-1.0, 0.0, 0.5, 2.0):
+        assert abs(S(straight(length=2.0 * a), push) - math.exp(-abs(1 - a) / 0.5)) < 1e-9
+    # the exact push with a scene depth read 1.6 times too deep looks slower: speed 1 / 1.6, E = 0.375 E_0
+    assert abs(S(push, push, scene_depth=1.6 * d) - math.exp(-0.375 / 0.5)) < 1e-9
+    still = torch.eye(4, dtype=torch.float64).repeat(9, 1, 1)
+    for moving in (req, push, pan_right()):
+        assert abs(S(still, moving) - math.exp(-2.0)) < 1e-9
+    # per-frame error: translation in scene depths plus rotation in radians; a push estimate against a pan request
+    # errs by |c_i| / d + (the pan angle); E_0 = mean pan angle = 7 deg
     pan = pan_right()
-    assert reward.s_traj(pan, pan) > 1 - 1e-9
-    fixed = torch.eye(4, dtype=torch.float64).repeat(9, 1, 1)
-    assert abs(reward.s_traj(pan, fixed) - math.exp(-7.0 / 10.0)) < 1e-9  # mean pan angle 7 deg
-    drift = straight(direction=(1, 0, 0), length=0.8)
-    assert abs(reward.s_traj(drift, fixed, scene_depth=4.0) - math.exp(-0.4 / 4.0)) < 1e-9
+    e = (torch.linspace(0, 2.0, 9) / d).mean() + math.radians(7.0)
+    assert abs(S(push, pan) - math.exp(-e / (0.5 * math.radians(7.0)))) < 1e-9
+    # a fixed request is judged as strictly as a theta pan: tolerance kappa rad(theta) / 2 = rad(2.5 deg)
+    assert S(still, still) == 1.0
+    assert abs(S(pan, still) - math.exp(-7.0 / 2.5)) < 1e-9
+    assert abs(S(pan, still, rot_scale=20.0) - math.exp(-7.0 / 5.0)) < 1e-9
+    drift = straight(direction=(1, 0, 0), length=0.8)  # mean drift 0.4 = 0.08 scene depths
+    assert abs(S(drift, still) - math.exp(-0.08 / (0.5 * math.radians(5.0)))) < 1e-9
     # a request sampled at another frame rate is resampled to the estimate's frames
-    assert reward.s_traj(orbit(F=9), orbit(F=17)) > 1 - 1e-9
+    assert S(orbit(F=9), orbit(F=17)) > 1 - 1e-9
+    # nothing to compare: one frame, a non-finite pose, no scene depth
+    nan = req.clone()
+    nan[3, 0, 3] = float("nan")
+    for bad, kw in ((req[:1], {}), (nan, {}), (req, {"scene_depth": 0.0}), (req, {"scene_depth": float("nan")})):
+        with pytest.raises(ValueError):
+            S(bad, req, **kw)
 
 
 def test_meta_camera_orbits_away_from_the_path():
@@ -316,14 +334,20 @@ def test_synthetic_roundtrip_psnr_and_s_recon(models, synthetic):
 def test_synthetic_s_traj(synthetic):
     frames, depth, mask, K, c2w = synthetic
     lf = reward.lift_from_depth(frames, depth, K, c2w.float())
-    good = reward.s_traj(lf.c2w, c2w)
-    other = reward.s_traj(lf.c2w, requested("Camera orbit right."))
-    push = reward.s_traj(lf.c2w, requested("Camera push in."))
+    # requested() scales the warp so its plane (depth 1000) sits at 7.5, just behind the backdrop (7 +- 0.8)
+    d, plane = float(lf.depth[0].median()), 1000 * 4.5 / 600
+    assert 6.5 < d < 7.5
+    S = lambda est, req: reward.s_traj(est, req, scene_depth=d, req_depth=d)  # noqa: E731  (the scene's own units)
+    good = S(lf.c2w, c2w)
+    at_plane = reward.s_traj(lf.c2w, c2w, scene_depth=d, req_depth=plane)  # as score() judges it
+    other = S(lf.c2w, requested("Camera orbit right."))
+    push = S(lf.c2w, requested("Camera push in."))
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
     shuffled = reward.lift_from_depth(frames[perm], depth[perm], K, c2w[perm].float())
-    shuf = reward.s_traj(shuffled.c2w, c2w)
-    print(f"\nS_traj: true path {good:.4f}, orbit right {other:.2e}, push in {push:.3f}, shuffled frames {shuf:.3f}")
-    assert good >= 0.95 and other < 0.1 and push < 0.5 and shuf < 0.5
+    shuf = S(shuffled.c2w, c2w)
+    print(f"\nS_traj: true path {good:.4f} (warp plane at 7.5 instead of the scene depth {d:.2f}: {at_plane:.4f}), "
+          f"orbit right {other:.2e}, push in {push:.3f}, shuffled frames {shuf:.3f}")
+    assert good >= 0.95 and at_plane >= 0.7 and other < 0.1 and push < 0.5 and shuf < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
