@@ -16,8 +16,9 @@ Departures from the official release (release-facts.md section 6-7; docs/DESIGN.
     existing camera farthest from the origin, i.e. a view the video already shows.
  2. S_recon compares render k with frame k at frame k's own estimated camera, at DA3's resolution. The release
     compares the first 81 poses of a smoothed 243-pose path with the 81 frames (out of step) on a 512x512 canvas.
- 3. S_traj = exp(-(mean |c_hat - c| / L + mean geo(R_hat, R) / theta)) after a Sim(3) Umeyama alignment of
-    camera frames (see `s_traj`); the release blends several ad-hoc terms.
+ 3. S_traj = exp(-(mean |c_hat - c| + mean geo(R_hat, R)) / tau): translations in scene depths (no fitted scale,
+    so a still camera cannot be stretched onto the path), rotations in radians, tau = half a still camera's
+    error (see `s_traj`); the release blends several ad-hoc terms.
  4. R_gen is HPSv3 (mu) averaged over the first `gen_frames` frames; the release scores one random frame with
     HPSv2.1. `gen_scale` keeps it beside R_3D.
  5. Everything runs in the training process (no Flask servers, no pickle). Black, constant, non-finite and

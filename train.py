@@ -116,7 +116,8 @@ p.add_argument("--w_gen", type=float, default=1.0, help="weight of R_gen (HPSv3)
 p.add_argument("--gen_frames", type=int, default=4, help="HPSv3 averages the first K frames")
 p.add_argument("--gen_scale", type=float, default=0.1, help="HPSv3 mu is multiplied by this")
 p.add_argument("--meta_angle", type=float, default=15.0, help="meta view orbit angle, degrees")
-p.add_argument("--traj_rot_scale", type=float, default=10.0, help="S_traj rotation scale θ, degrees")
+p.add_argument("--traj_rot_scale", type=float, default=10.0,
+               help="S_traj: a 'fixed' request is judged as strictly as a pan of this many degrees")
 p.add_argument("--zero_advantages", action="store_true", help="control run: advantages forced to 0")
 # schedule
 p.add_argument("--max_steps", type=int, default=None, help="RL steps (one rollout batch each)")
