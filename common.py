@@ -171,6 +171,18 @@ def setup_dist():
     return rank, local_rank, world, device
 
 
+def shard_fsdp(model, blocks):
+    """FSDP2: shard each block, then the rest with the root; gradients reduced in fp32. No parameter casting: every
+    weight is all-gathered in the dtype it is stored in (bf16, and the modules Wan keeps in fp32), so the sharded
+    forward equals the unsharded one and the timestep reaches the time embedder unrounded. (A policy with
+    param_dtype=bf16 casts the root's floating inputs, the timestep among them, and Wan's fp32 modules to bf16.)"""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
 def cleanup_dist():
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

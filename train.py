@@ -296,15 +296,7 @@ for prm in trainable.values():
 # weights under accelerate's bf16 autocast. LoRA needs none: peft runs the fp32 adapters beside the bf16 base.
 policy_precision = lambda: torch.autocast(device.type, dtype, enabled=args.full_finetune and dtype != torch.float32)
 if args.fsdp:
-    # No parameter casting: every weight is all-gathered in the dtype it is stored in (bf16, and the fp32 modules Wan
-    # keeps in fp32), so the sharded forward equals the unsharded one and the timestep reaches the time embedder
-    # unrounded. (A root policy with param_dtype=bf16 would cast the timestep and Wan's fp32 modules to bf16.)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    for block in raw.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(raw, mp_policy=mp)
-    model = raw
+    model = common.shard_fsdp(raw, raw.blocks)
     trainable = {n: prm for n, prm in raw.named_parameters() if prm.requires_grad}  # now DTensor shards
 elif world > 1:
     model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -552,7 +544,10 @@ def score_videos(videos, prompts, paths, dynamic, latents):
     """Rewards of one group -> (totals (G,) with NaN where bad, bad (G,) bool, components {name: (G,)}, reasons)."""
     if args.reward == "toy":
         t = reward.toy_reward(latents)
-        return t, torch.zeros(len(t), dtype=torch.bool), {}, [""] * len(t)
+        bad = ~torch.isfinite(t)
+        for i in bad.nonzero()[:, 0].tolist():
+            print(f"[reward] video {i} ({prompts[i][:60]!r}): toy reward not finite", flush=True)
+        return t, bad, {}, ["toy reward not finite" if b else "" for b in bad]
     out = reward.score(rewards_models, videos, prompts, paths, dynamic, w_3d=args.w_3d, w_gen=args.w_gen,
                        gen_frames=args.gen_frames, gen_scale=args.gen_scale, meta_angle=args.meta_angle,
                        traj_rot_scale=args.traj_rot_scale)
@@ -712,7 +707,7 @@ for step in range(start, args.max_steps):
     for key in parts[0]:
         record[key] = torch.cat([pt[key] for pt in parts])[good].float().mean().item() if good.any() else math.nan
     record.update(adv_abs=adv.abs().mean().item(), adv_max=adv.max().item(), grad_norm=grad_norm,
-                  bad_videos=float(bad.sum()))
+                  bad_videos=float(bad.sum()), lr=optimizer.param_groups[0]["lr"])
     if not args.fsdp and world > 1:  # DDP keeps full copies: their checksums must agree on every rank
         checksum = torch.stack([sum(prm.detach().double().sum() for prm in trainable.values()),
                                 sum(prm.detach().double().square().sum() for prm in trainable.values())])

@@ -39,7 +39,8 @@ def test_sde_first_step_guard_is_finite():
     assert torch.isfinite(out).all() and torch.isfinite(logp).all() and torch.isfinite(std).all()
 
 
-def test_sde_and_ode_share_the_marginal_on_a_gaussian_flow():
+@pytest.mark.parametrize("schedule", grpo.SDE_NOISE)
+def test_sde_and_ode_share_the_marginal_on_a_gaussian_flow(schedule):
     """Data x0 ~ N(mu, s^2), x_σ = (1 − σ)·x0 + σ·ε. The exact velocity is affine in x:
     v(x, σ) = (x − m_σ)·(σ − (1 − σ)·s²)/var_σ − mu, m_σ = (1 − σ)·mu, var_σ = (1 − σ)²·s² + σ².
     Both the ODE and the Flow-GRPO SDE started at N(0, 1) must end at N(mu, s²)."""
@@ -56,13 +57,32 @@ def test_sde_and_ode_share_the_marginal_on_a_gaussian_flow():
     for i in range(steps):
         sig, nxt = float(sigmas[i]), float(sigmas[i + 1])
         x_ode = x_ode + (nxt - sig) * v(x_ode, sig)
-        x_sde, _, _, _ = grpo.sde_step(x_sde, v(x_sde, sig), sig, nxt, 0.7, sigma_max=float(sigmas[1]), generator=g)
+        x_sde, _, _, _ = grpo.sde_step(x_sde, v(x_sde, sig), sig, nxt, 0.7, sigma_max=float(sigmas[1]), generator=g,
+                                       schedule=schedule)
         x_sde = x_sde.double()
     se_mean, se_std = s / math.sqrt(n), s / math.sqrt(2 * n)  # standard errors of the sample mean and std
     for x in (x_ode, x_sde):
         assert abs(x.mean().item() - mu) < 5 * se_mean + 2e-3
         assert abs(x.std().item() - s) < 5 * se_std + 2e-3
     assert abs(x_sde.mean().item() - x_ode.mean().item()) < 6 * se_mean + 2e-3
+
+
+def test_sde_noise_schedules_step_std_on_the_rollout_window():
+    """On a 20-step shift-3 schedule, the first half's step std: sd3 a·sqrt(σ/(1−σ))·sqrt(−dt) runs 0.70 -> 0.25,
+    wan σ·sqrt(−dt) about 0.13 -> 0.15 (float64 reference from the formulas)."""
+    import sample
+    sig = sample.flow_sigmas(20, 3.0).double()
+    x = torch.zeros(1, 4)
+    for schedule, first, last in (("sd3", 0.70, 0.25), ("wan", 0.128, 0.152)):
+        stds = [float(grpo.sde_step(x, x, float(sig[i]), float(sig[i + 1]), 0.7, sigma_max=float(sig[1]),
+                                    schedule=schedule, generator=torch.Generator().manual_seed(0))[3])
+                for i in range(10)]
+        ref = [(0.7 * math.sqrt(float(sig[i]) / (1 - min(float(sig[i]), float(sig[1])))) if schedule == "sd3"
+                else float(sig[i])) * math.sqrt(float(sig[i] - sig[i + 1])) for i in range(10)]
+        assert stds == pytest.approx(ref, rel=1e-5)
+        assert stds[0] == pytest.approx(first, abs=0.01) and stds[-1] == pytest.approx(last, abs=0.01)
+    with pytest.raises(ValueError, match="unknown SDE noise schedule"):
+        grpo.sde_step(x, x, 0.5, 0.4, schedule="cps")
 
 
 # ---------------------------------------------------------------- advantages
