@@ -9,11 +9,17 @@ Evaluate Wan2.1 before and after World-R1 training: 3D consistency, camera contr
 Every prompt i is sampled with seed `--seed + i`, by the base model and by the checkpoint alike (a paired
 comparison), on rank i % world; each rank fills its own rows of a (prompts, metrics) table and one all_reduce(SUM)
 assembles it, so the numbers do not depend on the number of processes. Per video:
-  3D consistency (the paper's Table 1): Depth Anything 3 lifts the video to 3D Gaussians and cameras
-      (reward.lift), we re-render every frame at its own estimated camera and report PSNR, SSIM (torchmetrics) and
-      LPIPS (AlexNet, the lpips package) against the frames, at DA3's processing resolution as S_recon does.
-  Camera control: RotErr, TransErr, CamMC of the estimated camera path against the path the prompt's camera words
-      request (noise_warp.camera_path), as CamI2V computes them (see `camera_metrics`).
+  3D consistency, novel view (NV-): Depth Anything 3 lifts the even frames video[0::2] alone to 3D Gaussians
+      (reward.lift), which are rendered at the odd frames' cameras and compared with the held-out odd frames:
+      PSNR, SSIM (torchmetrics), LPIPS (AlexNet, the lpips package) at DA3's processing resolution. The odd
+      cameras come from the lift of the whole video, moved into the even lift's world by a similarity fitted on
+      the even frames both lifts share (`novel_view_metrics`). DA3 therefore runs twice per video (all F frames,
+      then the (F + 1) / 2 even ones).
+  3D consistency, own view (OV-, the paper's Table 1 as we read it): the whole video's Gaussians re-rendered at
+      every frame's own estimated camera, against that frame, as S_recon does. Every pixel was seen by its own
+      camera, so this measures how well the Gaussians fit, not whether they hold from a new viewpoint.
+  Camera control: RotErr (radians), TransErr, CamMC of the estimated camera path against the path the prompt's
+      camera words request (noise_warp.camera_path), summed over frames as CamI2V computes them (`camera_metrics`).
   Quality: HPSv3 (mean mu over the first `gen_frames` frames, as R_gen); subject consistency (VBench: DINO ViT-B/16
       features, similarity to the first and to the previous frame); dynamic degree (VBench: RAFT optical flow,
       "moving" when enough frame pairs have a large top-5% flow).
@@ -59,18 +65,21 @@ FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "nega
 # Reward settings: train.py's defaults, replaced by the checkpoint's own where it has them.
 REWARD_DEFAULTS = dict(w_3d=1.0, w_gen=1.0, gen_frames=4, gen_scale=0.1, meta_angle=15.0, traj_rot_scale=10.0)
 
-# Per-video metrics: key -> (table header with the better direction, number format). Order = column order.
+# Per-video metrics: key -> (table header with the better direction, number format). Order = column order; the
+# novel-view PSNR comes first, the headline 3D number.
 METRICS = {
-    "PSNR": ("PSNR↑", ".2f"), "SSIM": ("SSIM↑", ".3f"), "LPIPS": ("LPIPS↓", ".3f"),
-    "RotErr": ("RotErr°↓", ".2f"), "TransErr": ("TransErr↓", ".3f"), "CamMC": ("CamMC↓", ".3f"),
+    "NV_PSNR": ("NV-PSNR↑", ".2f"), "NV_SSIM": ("NV-SSIM↑", ".3f"), "NV_LPIPS": ("NV-LPIPS↓", ".3f"),
+    "OV_PSNR": ("OV-PSNR↑", ".2f"), "OV_SSIM": ("OV-SSIM↑", ".3f"), "OV_LPIPS": ("OV-LPIPS↓", ".3f"),
+    "RotErr": ("RotErr rad↓", ".3f"), "TransErr": ("TransErr↓", ".3f"), "CamMC": ("CamMC↓", ".3f"),
     "HPSv3": ("HPSv3↑", ".3f"), "SubjCons": ("SubjCons%↑", ".2f"), "DynDeg": ("DynDeg%", ".1f"),
     "Flow": ("Flow px", ".2f"),
     "S_meta": ("S_meta↑", ".3f"), "S_recon": ("S_recon↑", ".3f"), "S_traj": ("S_traj↑", ".3f"),
     "R_3D": ("R_3D↑", ".3f"), "R_gen": ("R_gen↑", ".4f"), "reward": ("reward↑", ".3f"),
 }
 KEYS = list(METRICS)
-MAIN_KEYS = KEYS[:10]  # results.md's main table; the reward components get a table of their own
-MOTION_KEYS = ("PSNR", "LPIPS", "RotErr", "TransErr", "SubjCons", "reward")
+REWARD_KEYS = ["S_meta", "S_recon", "S_traj", "R_3D", "R_gen", "reward"]  # a table of their own in results.md
+MAIN_KEYS = [k for k in KEYS if k not in REWARD_KEYS]
+MOTION_KEYS = ("NV_PSNR", "OV_PSNR", "RotErr", "TransErr", "SubjCons", "reward")
 # The paper's own numbers (anchors.md section 5: Table 1 at 832x480 and VBench Table 2), for scale only.
 PAPER = [("Wan2.1-T2V-1.3B", 17.40, 0.550, 0.467, 96.34), ("World-R1-Small", 27.63, 0.858, 0.201, 97.58),
          ("Wan2.1-T2V-14B", 19.76, 0.629, 0.405, None), ("World-R1-Large", 27.67, 0.865, 0.162, None)]
@@ -240,13 +249,73 @@ def image_metrics(pred, target):
 
 
 @torch.no_grad()
-def recon_metrics(models, lf):
-    """3D consistency (World-R1 Table 1): render all Gaussians at each frame's estimated camera, compare with that
-    frame. lf: reward.Lift (frames (F, 3, h, w) at DA3's resolution). -> {PSNR, SSIM, LPIPS}, means over frames."""
+def own_view_metrics(models, lf):
+    """3D consistency at the video's own cameras: all Gaussians rendered at each frame's estimated camera, compared
+    with that frame. lf: reward.Lift (frames (F, 3, h, w) at DA3's resolution). -> {OV_PSNR, OV_SSIM, OV_LPIPS},
+    means over frames. The Gaussians were built from these very frames at these cameras (and S_recon, which the
+    policy is trained on, is 1 - OV_LPIPS), so a high score says they fit, not that they hold from a new view."""
     pred = reward.own_view_renders(lf).to(lf.frames.dtype)
     psnr, ssim = image_metrics(pred, lf.frames)
     lp = reward.lpips_distance(models, pred, lf.frames)
-    return dict(PSNR=psnr.mean().item(), SSIM=ssim.mean().item(), LPIPS=lp.mean().item())
+    return dict(OV_PSNR=psnr.mean().item(), OV_SSIM=ssim.mean().item(), OV_LPIPS=lp.mean().item())
+
+
+def camera_points(c2w, rho):
+    """Each camera as 4 points: its centre c and the tips c + rho R e_i of its three axes. (n, 4, 4) -> (4n, 3)."""
+    c, R = c2w[:, :3, 3], c2w[:, :3, :3]
+    return torch.cat([c, *(c + rho * R[:, :, i] for i in range(3))])
+
+
+def sim3_between(src_c2w, src_depth, dst_c2w, dst_depth):
+    """The similarity x_dst = s R x_src + t between the worlds of two reconstructions of the same frames, from their
+    cameras (n, 4, 4) c2w and depth maps (n, h, w): Umeyama (reward.umeyama) on camera_points at rho = each
+    reconstruction's own median depth, in float64 -> (s, R (3, 3), t (3,)).
+    Centres alone fail where the camera barely moves: a pan or a fixed shot puts every centre at one point (R and
+    s undetermined), a push-in puts them on a line (the roll about it free). The axis tips fix R from the cameras'
+    orientations whatever the centres do, and, drawn at each world's scene depth, fix s as the ratio of scene
+    depths when the centres are static; when the centres move, their spread joins the fit. Exact (to rounding)
+    when one reconstruction is a similarity transform of the other, depths included."""
+    pts = [camera_points(c2w.double(), depth.double().median()) for c2w, depth in ((src_c2w, src_depth),
+                                                                                (dst_c2w, dst_depth))]
+    return reward.umeyama(*pts)
+
+
+def transform_cameras(c2w, s, R, t):
+    """c2w (n, 4, 4) in one world -> the same cameras in the world x' = s R x + t: [R R_j | s R c_j + t]."""
+    out = c2w.double().clone()
+    out[:, :3, :3] = R @ out[:, :3, :3]
+    out[:, :3, 3] = s * out[:, :3, 3] @ R.T + t
+    return out
+
+
+def odd_cameras(full, even):
+    """The odd frames' cameras in the even-frame lift's world -> (c2w (n, 4, 4) float64, K (n, 3, 3)), n = F // 2.
+    full: Lift of all F frames; even: Lift of frames 0, 2, 4, ... Extrinsics: the full lift's, moved by
+    sim3_between(full's even frames, even). Intrinsics: the even lift's, the mean of the two even frames around
+    each odd one (the focal length the even lift's geometry goes with; DA3 estimates it per run)."""
+    s, R, t = sim3_between(full.c2w[0::2], full.depth[0::2], even.c2w, even.depth)
+    j = torch.arange(1, len(full.c2w), 2)
+    K = 0.5 * (even.K[(j - 1) // 2] + even.K[((j + 1) // 2).clamp_max(len(even.K) - 1)])
+    return transform_cameras(full.c2w[1::2], s, R, t), K
+
+
+@torch.no_grad()
+def novel_view_metrics(models, video, full, lift=reward.lift):
+    """3D consistency from held-out views. video (F, 3, H, W), F >= 3; full: its Lift (all frames). The even frames
+    alone are lifted (`lift(models, video[0::2])`, injectable for tests), their Gaussians rendered at the odd
+    frames' cameras (`odd_cameras`) and compared with the odd frames at the lift resolution, full.frames[1::2]
+    -> {NV_PSNR, NV_SSIM, NV_LPIPS}, means over the F // 2 odd frames. F = 4k + 1, so every odd frame lies between
+    two even ones: an interpolated view, as close as the frame rate allows, that no Gaussian was fitted to."""
+    if len(video) < 3:
+        raise ValueError(f"novel view needs 3 frames or more, got {len(video)}")
+    even = lift(models, video[0::2])
+    c2w, K = odd_cameras(full, even)
+    target = full.frames[1::2]
+    rgb, _ = reward.render(even.gaussians, torch.linalg.inv(c2w), K, *target.shape[-2:])  # (n, h, w, 3)
+    pred = rgb.clamp(0, 1).permute(0, 3, 1, 2).to(target.dtype)
+    psnr, ssim = image_metrics(pred, target)
+    lp = reward.lpips_distance(models, pred, target)
+    return dict(NV_PSNR=psnr.mean().item(), NV_SSIM=ssim.mean().item(), NV_LPIPS=lp.mean().item())
 
 
 def normalize_translation(c2w, eps=1e-9):
@@ -260,16 +329,17 @@ def normalize_translation(c2w, eps=1e-9):
 
 def camera_metrics(est_c2w, req_c2w):
     """Camera control of an estimated path against the requested one, both c2w (F, 4, 4), as CamI2V computes them
-    (ZGCTroy/CamI2V evaluation: RotErr from CameraCtrl, CamMC from CamI2V), rotation in degrees:
+    (ZGCTroy/CamI2V evaluation/glomap_evaluation.py: RotErr from CameraCtrl, CamMC from CamI2V):
         P_j <- P_0^-1 P_j                                     (relative to the first frame, both paths)
         t_j <- t_j / max_k |t_k|                              (each path by its own scale: normalize_translation)
-        RotErr   = sum_j arccos((tr(R^_j R_j^T) - 1) / 2)     degrees (the geodesic angle; atan2 form)
+        RotErr   = sum_j arccos((tr(R^_j R_j^T) - 1) / 2)     radians, as CamI2V's calc_roterr (atan2 form here)
         TransErr = sum_j |t^_j - t_j|_2
         CamMC    = sum_j |[R^|t^]_j - [R|t]_j|_F              over the 3x4 matrices
-    Sums over all F frames (frame 0 contributes 0), so they grow with the frame count, as in the papers."""
+    Sums over all F frames (frame 0 contributes 0), so they grow with the frame count, as in the papers; World-R1's
+    camera table (RotErr 1.50 / 1.21) is on this scale."""
     est, req = est_c2w.double(), req_c2w.to(est_c2w.device).double()
     est, req = (normalize_translation(torch.linalg.inv(P[0]) @ P) for P in (est, req))
-    rot = reward.geodesic_deg(est[:, :3, :3], req[:, :3, :3]).sum()
+    rot = torch.deg2rad(reward.geodesic_deg(est[:, :3, :3], req[:, :3, :3])).sum()
     trans = (est[:, :3, 3] - req[:, :3, 3]).norm(dim=-1).sum()
     cammc = (est[:, :3, :4] - req[:, :3, :4]).flatten(1).norm(dim=-1).sum()
     return dict(RotErr=rot.item(), TransErr=trans.item(), CamMC=cammc.item())
@@ -335,7 +405,8 @@ def evaluate_video(video, prompt, path, models, dino, raft, args):
     row, reasons = dict.fromkeys(KEYS, math.nan), []
     lf = guarded(reasons, "lift", lambda: {"lf": reward.lift(models, video)}).get("lf")
     if lf is not None:
-        row.update(guarded(reasons, "recon", recon_metrics, models, lf))
+        row.update(guarded(reasons, "novel view", novel_view_metrics, models, video, lf))
+        row.update(guarded(reasons, "own view", own_view_metrics, models, lf))
         if path is not None:
             row.update(guarded(reasons, "camera", camera_metrics, lf.c2w, path))
     row.update(guarded(reasons, "subject consistency", lambda: dict(
@@ -405,20 +476,25 @@ def write_markdown(path, args, names, means, delta, per_motion, n):
     lines = [f"# Evaluation: {' vs '.join(names)}", "",
              f"{n} prompts from `{args.prompts}`, size `{args.size}`, {args.frames}x{args.height}x{args.width}, "
              f"{args.steps} {args.sampler} steps, guidance {args.guidance}, seed {args.seed} + prompt index.", "",
-             "PSNR/SSIM/LPIPS: DA3 Gaussians re-rendered at the estimated cameras vs the frames (3D consistency). "
-             "RotErr (degrees, summed over frames) / TransErr / CamMC: estimated vs requested camera path, relative to "
-             "the first frame, translation scale-normalised. SubjCons and DynDeg: VBench definitions, in percent; "
-             "Flow: mean top-5% RAFT flow magnitude. Means over prompts; n/a where undefined.", ""]
+             "NV-PSNR/SSIM/LPIPS (novel view, 3D consistency): DA3 Gaussians of the even frames alone, rendered at "
+             "the odd frames' cameras (estimated from the whole video, moved into the even frames' reconstruction by "
+             "a similarity fit) vs the held-out odd frames. OV-PSNR/SSIM/LPIPS (own view): the whole video's "
+             "Gaussians re-rendered at each frame's own camera vs that frame (how well they fit; S_recon = "
+             "1 - LPIPS of the same renders). RotErr (rad, Σ over frames) / TransErr / CamMC (Σ over frames): "
+             "estimated vs requested camera path, relative to the first frame, translation scale-normalised, as "
+             "CamI2V. SubjCons and DynDeg: VBench definitions, in percent; Flow: mean top-5% RAFT flow magnitude. "
+             "Means over prompts; n/a where undefined.", ""]
     lines += markdown_table(rows, MAIN_KEYS, delta)
     lines += ["", "## Reward components (reward.score, as in training)", ""]
-    lines += markdown_table(rows, KEYS[10:], delta)
+    lines += markdown_table(rows, REWARD_KEYS, delta)
     lines += ["", "## Per camera motion (a composite prompt counts toward each of its motions)", ""]
     head = "| motion | " + " | ".join(f"{METRICS[k][0]} {name}" for k in MOTION_KEYS for name in names) + " |"
     lines += [head, "|---" * (len(MOTION_KEYS) * len(names) + 1) + "|"]
     for m in per_motion[names[0]]:
         lines.append(f"| {m} | " + " | ".join(fmt(per_motion[name][m][k], METRICS[k][1])
                                                for k in MOTION_KEYS for name in names) + " |")
-    lines += ["", "## The paper's numbers, for scale (832x480, 81 frames; anchors.md section 5)", "",
+    lines += ["", "## The paper's numbers, for scale (832x480, 81 frames; anchors.md section 5; the paper does not "
+              "state its reconstruction protocol, so neither NV- nor OV- is its exact counterpart)", "",
               "| model | PSNR↑ | SSIM↑ | LPIPS↓ | SubjCons%↑ |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {a:.2f} | {b:.3f} | {c:.3f} | {fmt(d, '.2f') if d else 'n/a'} |" for m, a, b, c, d in PAPER]
     with open(path, "w", encoding="utf-8") as f:
@@ -597,7 +673,7 @@ def main(argv=None):
             if args.save_videos:
                 os.makedirs(os.path.join(args.out, "videos", name), exist_ok=True)
                 sample.save_video(os.path.join(args.out, "videos", name, f"{i:04d}.mp4"), video)
-            print(f"[rank {rank}] {name} #{i}: PSNR {row['PSNR']:.2f} RotErr {row['RotErr']:.1f} reward "
+            print(f"[rank {rank}] {name} #{i}: NV-PSNR {row['NV_PSNR']:.2f} RotErr {row['RotErr']:.3f} reward "
                   f"{row['reward']:.3f} | sample {t1 - t0:.1f}s metrics {time.time() - t1:.1f}s"
                   + (f" | {why}" if why else ""), flush=True)
 

@@ -1,6 +1,7 @@
 """
-evaluate.py: the metrics against independent references and analytic values, a tiny end-to-end run (base vs a
-LoRA checkpoint) that writes every output, the same numbers from 1 and 2 processes, and the input checks.
+evaluate.py: the metrics against independent references and analytic values, the novel-view metric's camera
+transfer (exact for a known similarity) and an oracle scene with inconsistent controls, a tiny end-to-end run (base
+vs a LoRA checkpoint) that writes every output, the same numbers from 1 and 2 processes, and the input checks.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_evaluate.py -v
 
@@ -117,17 +118,32 @@ def test_camera_metrics_zero_for_identical_and_similarity_transformed_paths():
         assert abs(v) < 1e-6, k
 
 
-def test_camera_metrics_known_rotation_offset():
-    """Each estimated frame j >= 1 turned a further 10 deg about y: RotErr = (F - 1) 10 deg, TransErr = 0,
+def test_camera_metrics_known_rotation_offset_in_radians():
+    """Each estimated frame j >= 1 turned a further 10 deg about y: RotErr = (F - 1) * 10 pi / 180 radians (CamI2V's
+    unit; frame 0 is the relative identity, so it adds 0), TransErr = 0,
     CamMC = (F - 1) |Ry(10) - I|_F = (F - 1) 2 sqrt(2) sin(5 deg)."""
     F = 9
     req = straight(F, (0, 0, 1), 600.0)
     est = req.clone()
     est[1:, :3, :3] = req[1:, :3, :3] @ rot_y(10)
     m = evaluate.camera_metrics(est, req)
-    assert abs(m["RotErr"] - (F - 1) * 10) < 1e-9
+    assert abs(m["RotErr"] - (F - 1) * 10 * math.pi / 180) < 1e-12  # 1.396 rad, not 80 degrees
     assert abs(m["TransErr"]) < 1e-12
     assert abs(m["CamMC"] - (F - 1) * 2 * math.sqrt(2) * math.sin(math.radians(5))) < 1e-9
+
+
+def test_roterr_is_cami2v_calc_roterr_summed():
+    """Against CamI2V's calc_roterr restated in numpy (arccos of the clamped (tr(R1^T R2) - 1) / 2, radians) on
+    random relative rotations, summed over frames; the paths share their first frame."""
+    from scipy.spatial.transform import Rotation
+    F = 17
+    req = noise_warp.camera_path(["orbit_left", "push_in"], F)
+    est = req.clone()
+    turn = Rotation.from_rotvec(0.3 * Rotation.random(F - 1, random_state=0).as_rotvec()).as_matrix()
+    est[1:, :3, :3] = req[1:, :3, :3] @ torch.from_numpy(turn)  # up to ~0.9 rad per frame
+    r1, r2 = req[:, :3, :3].numpy(), est[:, :3, :3].numpy()
+    ref = np.arccos(np.clip((np.trace(np.swapaxes(r1, -1, -2) @ r2, axis1=-2, axis2=-1) - 1) / 2, -1, 1)).sum()
+    assert abs(evaluate.camera_metrics(est, req)["RotErr"] - ref) < 1e-9
 
 
 def test_camera_metrics_known_scaled_translation():
@@ -143,6 +159,128 @@ def test_camera_metrics_known_scaled_translation():
     # a static request (pan) stays at t = 0; the estimate's drift then counts at full (normalised) size
     pan = noise_warp.camera_path(["pan_right"], F)
     assert evaluate.normalize_translation(pan)[:, :3, 3].abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Novel view: the camera transfer between reconstructions, and an oracle scene
+
+
+def similarity(s, axis, angle, t):
+    """(s, R, t) float64 with R the rotation by `angle` radians about `axis` (Rodrigues, written out)."""
+    k = torch.tensor(axis, dtype=torch.float64)
+    k = k / k.norm()
+    Kx = torch.tensor([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]], dtype=torch.float64)
+    R = torch.eye(3, dtype=torch.float64) + math.sin(angle) * Kx + (1 - math.cos(angle)) * Kx @ Kx
+    return s, R, torch.tensor(t, dtype=torch.float64)
+
+
+def moved(c2w, s, R, t):
+    """The cameras in the world x' = s R x + t, written independently of evaluate.transform_cameras: pose by pose,
+    G = [[sR, t], [0, 1]] applied to c2w, then the scale taken back out of the rotation block."""
+    G = torch.eye(4, dtype=torch.float64)
+    G[:3, :3], G[:3, 3] = s * R, t
+    out = G @ c2w.double()
+    out[:, :3, :3] /= s
+    return out
+
+
+@pytest.mark.parametrize("motion", ["orbit_left", "push_in", "pan_right", "fixed"])
+def test_odd_cameras_recover_a_known_similarity(motion):
+    """The even-frame reconstruction is the full one seen through a known similarity (scale 0.37, a 50 deg turn,
+    a shift), depth maps scaled with it: the odd cameras carried into it must be the full run's odd cameras moved
+    by that similarity, to rounding. push_in puts the centres on a line, pan_right and fixed on one point: the
+    cases where a fit on centres alone is undetermined (checked: it misses the turn for the pan)."""
+    F = 9
+    c2w = torch.eye(4, dtype=torch.float64).repeat(F, 1, 1) if motion == "fixed" else \
+        noise_warp.camera_path([motion], F)
+    c2w[:, :3, 3] *= 4.5 / 600  # noise_warp's units (orbit pivot 600 ahead) -> a scene a few units deep
+    depth = 3 + 4 * torch.rand(F, 12, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s, R, t = similarity(0.37, (1.0, -2.0, 0.5), math.radians(50), (3.0, -1.0, 7.0))
+    K = torch.tensor([[20.0, 0, 8], [0, 20, 6], [0, 0, 1]], dtype=torch.float64).repeat(F, 1, 1)
+    full = SimpleNamespace(c2w=c2w, depth=depth, K=K)
+    even = SimpleNamespace(c2w=moved(c2w[0::2], s, R, t), depth=s * depth[0::2], K=K[0::2])
+    got, K_odd = evaluate.odd_cameras(full, even)
+    torch.testing.assert_close(got, moved(c2w[1::2], s, R, t), rtol=0, atol=1e-9)
+    torch.testing.assert_close(K_odd, K[1::2], rtol=0, atol=0)
+    s_fit, R_fit, t_fit = evaluate.sim3_between(full.c2w[0::2], full.depth[0::2], even.c2w, even.depth)
+    assert abs(s_fit - s) < 1e-9 and (R_fit - R).abs().max() < 1e-9 and (t_fit - t).abs().max() < 1e-9
+    if motion == "pan_right":
+        import reward
+        _, R_centres, _ = reward.umeyama(c2w[0::2, :3, 3], even.c2w[:, :3, 3])
+        assert (R_centres - R).abs().max() > 0.1
+
+
+def backdrop(seed=5, n=81):
+    """An opaque bumpy wall of small Gaussians ~7 units ahead, coloured by a random smooth field: a surface, so
+    the rendered depth of a pixel is the depth of what it shows, and no part of it hides another."""
+    k = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(seed)) * 0.6
+    phase = torch.rand(3, 4, generator=torch.Generator().manual_seed(seed + 1)) * 6.28
+    gx, gy = torch.meshgrid(torch.linspace(-8, 8, n), torch.linspace(-8, 8, n), indexing="ij")
+    x, y = gx.flatten(), gy.flatten()
+    means = torch.stack([x, y, 7 + 0.8 * torch.sin(0.8 * x) * torch.cos(0.6 * y)], -1)
+    colors = (0.5 + 0.12 * torch.sin(torch.einsum("cfd,nd->ncf", k, means[:, :2]) + phase).sum(-1)).clamp(0, 1)
+    quats = torch.zeros(len(means), 4)
+    quats[:, 0] = 1
+    return dict(means=means, quats=quats, scales=torch.full((len(means), 3), 0.15), opacities=torch.ones(len(means)),
+                colors=colors)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """A 9-frame video rendered from known Gaussians along an orbit (pivot 4.5 ahead), with its true depth, K and
+    cameras; and a second scene (other colours) along the same path."""
+    import reward
+    F, K = 9, torch.tensor([[60.0, 0, 32], [0, 60, 32], [0, 0, 1]]).repeat(9, 1, 1)
+    c2w = noise_warp.camera_path(["orbit_left"], F)
+    c2w[:, :3, 3] *= 4.5 / 600
+    out = []
+    for seed in (5, 11):
+        rgb, alpha, depth = reward.render(backdrop(seed), torch.linalg.inv(c2w).float(), K, 64, 64, with_depth=True)
+        assert alpha.min() > 0.99  # the wall fills every frame
+        out.append((rgb.clamp(0, 1).permute(0, 3, 1, 2), depth[..., 0]))
+    lp = __import__("lpips").LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)  # random AlexNet
+    return SimpleNamespace(video=out[0][0], depth=out[0][1], other=out[1][0], K=K, c2w=c2w,
+                           models=SimpleNamespace(lpips=lp.eval()))
+
+
+def test_novel_view_oracle_and_inconsistent_controls(oracle):
+    """Lifts from the true depth and cameras (reward.lift_from_depth) stand in for DA3; the even-frame lift sits in
+    another world (scale 2.5, a 30 deg turn, a shift), so the camera transfer is part of the test. The even
+    frames' Gaussians rendered at the odd cameras must reproduce the odd frames (> 30 dB). Controls, same
+    reconstruction: odd frames taken from the time-reversed video (frame 1 <-> 7, ...) or from another scene
+    must score far lower. A full run whose focal length is off by 10% changes nothing: the intrinsics are the
+    even run's."""
+    import reward
+    o = oracle
+    s, R, t = similarity(2.5, (0.3, 1.0, -0.2), math.radians(30), (-1.0, 4.0, 2.0))
+    even = reward.lift_from_depth(o.video[0::2], s * o.depth[0::2], o.K[0::2], moved(o.c2w[0::2], s, R, t).float())
+
+    def lift(models, frames):  # the even frames, and only they, reach the lift
+        assert torch.equal(frames, videos[0::2])
+        return even
+
+    def nv(video, K):
+        nonlocal videos
+        videos = video
+        full = reward.lift_from_depth(video, o.depth, K, o.c2w.float())
+        return evaluate.novel_view_metrics(o.models, video, full, lift=lift)
+
+    videos = None
+    good = nv(o.video, o.K)
+    reversed_odd, other = o.video.clone(), o.video.clone()
+    reversed_odd[1::2], other[1::2] = o.video.flip(0)[1::2], o.other[1::2]
+    rev, oth = nv(reversed_odd, o.K), nv(other, o.K)
+    off_focal = o.K.clone()
+    off_focal[:, :2, :2] *= 1.1
+    focal = nv(o.video, off_focal)
+    print(f"\nnovel view PSNR/SSIM/LPIPS: consistent {good['NV_PSNR']:.1f}/{good['NV_SSIM']:.3f}/"
+          f"{good['NV_LPIPS']:.4f}, reversed odd frames {rev['NV_PSNR']:.1f}/{rev['NV_SSIM']:.3f}/"
+          f"{rev['NV_LPIPS']:.4f}, other scene {oth['NV_PSNR']:.1f}/{oth['NV_SSIM']:.3f}/{oth['NV_LPIPS']:.4f}")
+    assert good["NV_PSNR"] > 30 and good["NV_SSIM"] > 0.95
+    for bad in (rev, oth):
+        assert bad["NV_PSNR"] < good["NV_PSNR"] - 8 and bad["NV_SSIM"] < good["NV_SSIM"] - 0.1
+        assert bad["NV_LPIPS"] > 5 * good["NV_LPIPS"]  # a random AlexNet compresses LPIPS: compare ratios
+    assert focal == pytest.approx(good, rel=1e-6, abs=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,8 +424,11 @@ def test_end_to_end_writes_every_output(one_process):
     assert sorted(os.listdir(out / "videos" / "ckpt_000005")) == ["0000.mp4", "0001.mp4", "0002.mp4"]
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| model |"))
-    for col in ("PSNR↑", "SSIM↑", "LPIPS↓", "RotErr°↓", "TransErr↓", "CamMC↓", "HPSv3↑", "SubjCons%↑", "DynDeg%"):
+    assert header.startswith("| model | NV-PSNR↑ | NV-SSIM↑ | NV-LPIPS↓ | OV-PSNR↑ | OV-SSIM↑ | OV-LPIPS↓ | "
+                             "RotErr rad↓ |")  # the novel-view PSNR is the headline column
+    for col in ("TransErr↓", "CamMC↓", "HPSv3↑", "SubjCons%↑", "DynDeg%"):
         assert col in header
+    assert "RotErr (rad, Σ over frames)" in md
     for row in ("| base |", "| ckpt_000005 |", "| Δ (ckpt − base) |", "| orbit_left |", "| (none) |"):
         assert row in md, row
 
@@ -296,10 +437,11 @@ def test_end_to_end_writes_every_output(one_process):
     assert set(res["models"][0]["means"]) == set(evaluate.KEYS) and set(res["delta"]) == set(evaluate.KEYS)
     assert res["config"]["frames"] == 9 and res["config"]["text_len"] == 64  # taken from the checkpoint's config
     base, ckpt = (m["means"] for m in res["models"])
-    for k in ("PSNR", "SSIM", "LPIPS", "SubjCons", "reward", "HPSv3"):
+    for k in ("NV_PSNR", "NV_SSIM", "NV_LPIPS", "OV_PSNR", "OV_SSIM", "OV_LPIPS", "SubjCons", "reward", "HPSv3"):
         assert math.isfinite(base[k]) and math.isfinite(ckpt[k]), k
         assert abs(res["delta"][k] - (ckpt[k] - base[k])) < 1e-12
-    assert any(abs(res["delta"][k]) > 1e-6 for k in ("PSNR", "LPIPS", "reward"))  # the LoRA changed the videos
+    assert any(abs(res["delta"][k]) > 1e-6 for k in ("NV_PSNR", "OV_PSNR", "reward"))  # the LoRA changed the videos
+    assert base["S_recon"] == pytest.approx(1 - base["OV_LPIPS"], abs=1e-5)  # the same own-view renders
     assert base["R_gen"] == pytest.approx(0.1 * base["HPSv3"], rel=1e-5)
 
     with open(out / "per_prompt.csv", encoding="utf-8") as f:
@@ -310,6 +452,7 @@ def test_end_to_end_writes_every_output(one_process):
                                                                        ("base", "2", "2")]
     assert rows[0]["motions"] == "orbit_left" and rows[1]["motions"] == "push_in pan_right"
     assert rows[2]["RotErr"] == "nan" and rows[0]["RotErr"] != "nan"  # no camera words: no camera metrics
+    assert all(r["NV_PSNR"] != "nan" for r in rows)  # the novel view needs no camera words
 
 
 def test_one_and_two_processes_give_the_same_numbers(one_process, run_dir, prompt_file, tmp_path):
