@@ -333,11 +333,16 @@ def decode(vae, latents):
 
 def generate(wan, prompt, seed, *, frames, height, width, steps, guidance=5.0, sampler="unipc", text_len=512,
              negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=16, degradation=0.35,
-             progress=False):
-    """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed (all draws from one generator)."""
+             progress=False, embeddings=None):
+    """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed (all draws from one generator).
+    embeddings: {prompt: states} from encode_all (holding `prompt` and `negative_prompt`), so a caller that encoded
+    its prompts up front can free the text encoder; else the prompt is encoded here."""
     device = next(wan.transformer.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    cond, uncond = encode(wan, [prompt, negative_prompt], text_len).chunk(2)
+    if embeddings is None:
+        cond, uncond = encode(wan, [prompt, negative_prompt], text_len).chunk(2)
+    else:
+        cond, uncond = (pad_tokens(embeddings[q], text_len)[None].to(device) for q in (prompt, negative_prompt))
     x, inject, _ = camera_noise(prompt, latent_shape(frames, height, width), generator, warp_mode, warp_strength,
                                 warp_scale, degradation, device)
     sigmas = flow_sigmas(steps, wan.scheduler.config.flow_shift)

@@ -708,6 +708,9 @@ for step in range(start, args.max_steps):
         record[key] = torch.cat([pt[key] for pt in parts])[good].float().mean().item() if good.any() else math.nan
     record.update(adv_abs=adv.abs().mean().item(), adv_max=adv.max().item(), grad_norm=grad_norm,
                   bad_videos=float(bad.sum()), lr=optimizer.param_groups[0]["lr"])
+    if device.type == "cuda":  # this step's peak device memory (averaged over ranks like the rest)
+        record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
     if not args.fsdp and world > 1:  # DDP keeps full copies: their checksums must agree on every rank
         checksum = torch.stack([sum(prm.detach().double().sum() for prm in trainable.values()),
                                 sum(prm.detach().double().square().sum() for prm in trainable.values())])
