@@ -172,21 +172,26 @@ def forward_passes(steps, group, window, release=False):
 
 
 def main(argv):
+    stage_names = ("encode", "step", "loop", "decode", "warp", "warp_full", "rollout", "passes", "train", "reward")
     ap = argparse.ArgumentParser(description="Benchmark every stage of one RL step.")
     ap.add_argument("--size", choices=["tiny", "small", "large"], default="tiny", help="model and video size")
     ap.add_argument("--random_weights", action="store_true", help="real architectures, random weights (GPU)")
     ap.add_argument("--release_config", action="store_true", help="also time the release's rollout schedule")
-    ap.add_argument("--stages", default="all", help="comma list: encode,step,loop,decode,warp,warp_full,rollout,"
-                                                    "passes,train,reward")
+    ap.add_argument("--stages", default="all", help="comma list: " + ",".join(stage_names))
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per stage (median)")
     ap.add_argument("--group_size", type=int, default=8, help="videos per group")
     ap.add_argument("--steps", type=int, default=None, help="rollout steps (default 20, tiny 10)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
+    args = common.parse_flags(ap, argv)
     if args.random_weights and args.size == "tiny":
-        raise SystemExit("error: --random_weights builds the real sizes; use it with --size=small or --size=large")
-    stages = set(args.stages.split(",")) if args.stages != "all" else {
-        "encode", "step", "loop", "decode", "warp", "rollout", "passes", "train", "reward"}
+        common.fail("--random_weights builds the real sizes; use it with --size=small or --size=large")
+    common.check_numbers(args, positive=("repeats", "group_size", "steps"))
+    stages = set(args.stages.split(",")) if args.stages != "all" else set(stage_names) - {"warp_full"}
+    common.check_choices(sorted(stages), stage_names, "--stages", "all or a comma list of")
+    if "rollout" in stages and args.steps is not None and args.steps < 2:
+        common.fail(f"--steps={args.steps}: the rollout's SDE window needs at least 2 steps")
+    if args.json is not None:
+        common.check_writable_file(args.json, "--json", [".json"])
 
     rows = []
     steps = args.steps or (10 if args.size == "tiny" else 20)

@@ -79,6 +79,15 @@ def check_numbers(args, positive=(), nonnegative=(), finite=()):
                 fail(f"--{name}={v} must be {what}")
 
 
+def check_choices(values, valid, flag, what="one of"):
+    """Every value must be in `valid`; the first that is not stops with the closest valid names and the list."""
+    for value in values:
+        if value not in valid:
+            close = difflib.get_close_matches(value, valid, n=3)
+            fail(f"{flag}: unknown value {value!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                 + f" (valid: {what} {', '.join(valid)})")
+
+
 def check_text(text, flag):
     """A command-line string must be valid UTF-8 (Python keeps undecodable argv bytes as lone surrogates)."""
     try:
@@ -107,27 +116,51 @@ def read_lines(path, flag):
     return lines
 
 
-def check_writable_dir(folder, flag):
-    """Create `folder` if needed and prove it takes a file (a real write: os.access says yes to root everywhere)."""
-    folder = folder or "."
+def _probe(folder):
+    """None if a file can really be written in `folder` (created if needed), else why not (os.access says yes to
+    root everywhere, /proc included, so only a real write tells)."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{uuid.uuid4().hex}")
+    except OSError as e:
+        return "create", e.strerror or str(e)
+    probe = os.path.join(folder, f".write_test_{uuid.uuid4().hex}")
+    try:
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        fail(f"cannot write to {flag}={folder} ({e.strerror or e}); pick a writable place")
+        return "write", e.strerror or str(e)
+    return None
+
+
+def check_writable_dir(folder, flag):
+    """Create `folder` if needed and prove it takes a file."""
+    folder = folder or "."
+    problem = _probe(folder)
+    if problem and problem[0] == "create":
+        fail(f"cannot create the folder {flag}={folder} ({problem[1]}); pick a writable place")
+    if problem:
+        fail(f"cannot write to {flag}={folder} ({problem[1]}); pick a writable place")
     return folder
 
 
 def check_writable_file(path, flag, suffixes=None):
-    """An output file: the right extension, not an existing folder, and its folder proven writable."""
+    """An output file: the right extension, not an existing folder, its folder proven writable, and an existing
+    file at `path` openable for writing (opened to append, so its content stays)."""
     if suffixes and not path.lower().endswith(tuple(suffixes)):
         fail(f"{flag}={path} must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         fail(f"{flag}={path} is an existing folder; name a file")
-    check_writable_dir(os.path.dirname(path), flag)
+    folder = os.path.dirname(path) or "."
+    problem = _probe(folder)
+    if problem is None and os.path.exists(path):
+        try:
+            open(path, "ab").close()
+        except OSError as e:
+            problem = "write", e.strerror or str(e)
+    if problem:
+        fail(f"cannot {problem[0]} {'the folder of ' if problem[0] == 'create' else ''}{flag}={path} "
+             f"({problem[1]}); pick a writable place")
     return path
 
 

@@ -37,7 +37,6 @@ import common  # noqa: F401  (first: the CPU torchvision fix, before transformer
 
 import argparse
 import csv
-import difflib
 import json
 import math
 import os
@@ -124,48 +123,47 @@ def build_parser():
 
 
 def resolve_checkpoint(path):
-    """--ckpt -> (checkpoint folder, its state.json). A run folder is followed through its `latest` file."""
+    """--ckpt -> (checkpoint folder, its state.json). A run folder is followed through its `latest` file; the
+    checkpoint's LoRA file is opened and checked (sample.check_lora_file) before any model loads."""
     if not os.path.isdir(path):
-        raise SystemExit(f"error: --ckpt={path} does not exist; pass a checkpoint folder (out/ckpt_000100) or a "
-                         "run folder that has a 'latest' file")
+        common.fail(f"--ckpt={path} does not exist; pass a checkpoint folder (out/ckpt_000100) or a run folder "
+                    "that has a 'latest' file")
     if os.path.isfile(os.path.join(path, "latest")):
         with open(os.path.join(path, "latest")) as f:
             path = os.path.join(path, f.read().strip())
     state_file = os.path.join(path, "state.json")
     if not os.path.isfile(state_file):
-        raise SystemExit(f"error: --ckpt={path} has no state.json (and no 'latest' file); pass a complete "
-                         "checkpoint folder written by train.py")
+        common.fail(f"--ckpt={path} has no state.json (and no 'latest' file); pass a complete checkpoint folder "
+                    "written by train.py")
     if not os.path.isfile(os.path.join(path, "lora", sample.LORA_FILE)):
-        raise SystemExit(f"error: checkpoint {path} has no lora/{sample.LORA_FILE}; evaluate.py reads LoRA "
-                         "checkpoints (a --full_finetune run has none)")
-    with open(state_file) as f:
-        return path, json.load(f)
+        common.fail(f"checkpoint {path} has no lora/{sample.LORA_FILE}; evaluate.py reads LoRA checkpoints "
+                    "(a --full_finetune run has none)")
+    sample.check_lora_file(os.path.join(path, "lora"), "--ckpt")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            return path, json.load(f)
+    except (ValueError, OSError) as e:
+        common.fail(f"--ckpt: {state_file} is not readable JSON ({e}); the checkpoint is damaged, use another")
 
 
 def parse_args(argv):
     """Flags -> resolved config. Precedence: explicit flag > checkpoint's training config > size preset.
     Every user mistake stops here with one line saying what to do."""
     p = build_parser()
-    args, unknown = p.parse_known_args(argv)
-    for flag in unknown:  # argparse's own message is a usage dump; name the closest flag instead (as train.py)
-        key = flag.split("=")[0]
-        close = difflib.get_close_matches(key, [a for act in p._actions for a in act.option_strings], n=3)
-        raise SystemExit(f"error: unknown argument {flag}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    args = common.parse_flags(p, argv)
     if args.ckpt is not None and args.lora is not None:
-        raise SystemExit("error: give --ckpt or --lora, not both")
+        common.fail("give --ckpt or --lora, not both")
     args.ckpt_state, args.lora_dir, args.label = None, None, None
     if args.ckpt is not None:
         args.ckpt, args.ckpt_state = resolve_checkpoint(args.ckpt)
         args.lora_dir = os.path.join(args.ckpt, "lora")
         args.label = os.path.basename(os.path.normpath(args.ckpt))
     elif args.lora is not None:
-        if not os.path.isfile(os.path.join(args.lora, sample.LORA_FILE)):
-            raise SystemExit(f"error: --lora={args.lora} has no {sample.LORA_FILE}; pass a folder exported by train.py")
+        sample.check_lora_file(args.lora, "--lora")
         args.lora_dir, args.label = args.lora, "lora:" + os.path.basename(os.path.normpath(args.lora))
     cfg = (args.ckpt_state or {}).get("config", {})
     if args.size is not None and cfg.get("size") not in (None, args.size):
-        raise SystemExit(f"error: --size={args.size} but the checkpoint was trained at --size={cfg['size']}; "
-                         "drop --size")
+        common.fail(f"--size={args.size} but the checkpoint was trained at --size={cfg['size']}; drop --size")
     args.size = args.size or cfg.get("size") or "tiny"
     preset = {**sample.SIZES[args.size], **SIZES[args.size], "guidance": 5.0, "negative_prompt": "",
               "warp_mode": "init", "reward_size": args.size}
@@ -179,18 +177,13 @@ def parse_args(argv):
     args.dino_px, args.raft, args.flow_iters = (SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
 
     sample.check_video_size(args.frames, args.height, args.width)
-    if args.model is not None and (args.model.startswith((".", "/")) or os.path.exists(args.model)) \
-            and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise SystemExit(f"error: --model={args.model} is not a diffusers folder (no model_index.json)")
-    if args.steps < 1:
-        raise SystemExit(f"error: --steps={args.steps} must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"error: --limit={args.limit} must be at least 1 (leave it out for every prompt)")
-    if args.grid < 0:
-        raise SystemExit(f"error: --grid={args.grid} must be 0 or more")
+    sample.check_model_arg(args.model)
+    common.check_numbers(args, positive=("steps", "limit", "text_len"), nonnegative=("grid", "warp_strength"),
+                         finite=("guidance",))
+    common.check_text(args.negative_prompt, "--negative_prompt")
     args.prompt_list = sample.read_prompts(args.prompts)[:args.limit]
     if args.curves is not None and not os.path.isfile(os.path.join(args.curves, "metrics.jsonl")):
-        raise SystemExit(f"error: --curves={args.curves} has no metrics.jsonl; pass train.py's --out_dir")
+        common.fail(f"--curves={args.curves} has no metrics.jsonl; pass train.py's --out_dir")
     sample.make_writable_dir(args.out)
     return args
 
@@ -647,7 +640,14 @@ def main(argv=None):
     common.print0(f"evaluating {len(prompts)} prompts on {world} rank(s): base"
                   + (f" vs {args.label} ({args.lora_dir})" if args.lora_dir else ""))
 
+    for line in sample.camera_warnings(prompts, args.warp_mode):
+        sample.warn(line)
     wan = sample.load_wan(args.model, device)
+    if args.lora_dir:  # loaded (and proven to fit) before any sampling; off for the base model's pass
+        sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
+        wan.transformer.disable_lora()
+    if line := sample.length_warning(wan.tokenizer, prompts, args.text_len):
+        sample.warn(line)
     models = reward.load_reward_models(args.reward_size, device)
     dino, raft = load_dino(args.dino, device), load_raft(args.raft, device)
     names = ["base"] + ([args.label] if args.lora_dir else [])
@@ -656,7 +656,7 @@ def main(argv=None):
     thumbs = torch.zeros(len(names), n_grid, GRID_COLS, 3, *thumb_size(args.height, args.width))  # own videos
     for m, name in enumerate(names):
         if m == 1:
-            wan.transformer.load_lora_adapter(args.lora_dir, prefix="transformer", weight_name=sample.LORA_FILE)
+            wan.transformer.enable_lora()
         for i in mine:
             t0 = time.time()
             video = sample.generate(wan, prompts[i], args.seed + i, frames=args.frames, height=args.height,

@@ -65,6 +65,32 @@ def parse_camera(prompt):
     return [m.group(1).replace(" ", "_") for m in _PHRASE.finditer(prompt.lower())]
 
 
+VALID_PHRASES = tuple(m.replace("_", " ") for m in MOTIONS)  # what parse_camera recognises, nothing else
+# Camera talk that parse_camera does not recognise (the release accepts no synonyms, on purpose): film jargon
+# anywhere ("zoom in", "dolly", "push-in", "pans left", "tilt up", "tracking shot"), and any motion verb within two
+# words after "camera" ("the camera slowly moves left", "camera rises"). Scene text ("a boat is pulled up on the
+# shore") is left alone: verbs count only right after "camera".
+_DIRECTION = r"(?:\s+[a-z]+ly)?[\s-]+(?:in|out|left|right|up|down|forwards?|backwards?|back|around|away|closer)"
+_CAMERA_JARGON = re.compile(
+    r"(?<![a-z])(?:zoom(?:s|ed|ing)?(?:[\s-]+(?:in|out))?|doll(?:y|ies|ied|ying)(?:[\s-]+(?:in|out))?"
+    r"|(?:push|pull)-(?:in|out)|pan(?:s|ned|ning)\s+(?:left|right)|tilt(?:s|ed|ing)?\s+(?:up|down)"
+    r"|tracking shot|crane shot|handheld|(?:static|still|stationary|locked[- ]off) (?:shot|camera))(?![a-z])")
+_CAMERA_VERB = re.compile(
+    r"(?<![a-z])camera(?:\s+[a-z]+){0,2}?\s+(?P<words>(?:push|pull|mov|orbit|pan|zoom|doll|truck|track|tilt|cran"
+    r"|rotat|fl|ris|ascend|descend|glid|slid|swing|circl|sweep|spin|turn|travel|arc)"
+    r"(?:e|es|ed|ing|s|ning|ned|ling|led|y|ies|ying|ied)?(?:" + _DIRECTION + r")?)(?![a-z])")
+
+
+def unknown_camera_words(prompt):
+    """Camera-like phrases in `prompt` that parse_camera does not turn into a motion, in textual order:
+    "Camera zooms in, then pan left." -> ["zooms in"]. Spans overlapping a recognised phrase are not reported."""
+    text = prompt.lower()
+    known = [m.span() for m in _PHRASE.finditer(text)]
+    found = [(m.start(), m.end()) for m in _CAMERA_JARGON.finditer(text)]
+    found += [m.span("words") for m in _CAMERA_VERB.finditer(text)]
+    return [text[a:b] for a, b in sorted(set(found)) if not any(x < b and a < y for x, y in known)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # motions -> poses (4x4 camera-to-world, float64)
 
@@ -345,7 +371,10 @@ def _flow_rgb(flow, max_mag):
 if __name__ == "__main__":
     import argparse
     import os
+    import sys
     import time
+
+    import common
 
     parser = argparse.ArgumentParser(description="Show a prompt's camera-warped noise: a flow | noise video and a "
                                      "top-down plot of the camera path.")
@@ -360,22 +389,32 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--device", default="cpu", help="torch device for the warp, e.g. cpu or cuda")
     parser.add_argument("--fps", type=int, default=16, help="frames per second of the video")
-    args = parser.parse_args()
+    args = common.parse_flags(parser, sys.argv[1:])
     if args.frames < 1 or (args.frames - 1) % TIME_STRIDE:
-        parser.error(f"--frames must be 4k+1 (e.g. 9, 81), got {args.frames}")
+        common.fail(f"--frames={args.frames} must be 4k+1 (e.g. 9, 81)")
     if args.height < 16 or args.width < 16 or args.height % 16 or args.width % 16:
-        parser.error(f"--height and --width must be positive multiples of 16, got {args.height}x{args.width}")
-    if args.warp_scale < 1 or not 0 <= args.degradation <= 1:
-        parser.error("--warp_scale must be >= 1 and --degradation in [0, 1]")
+        common.fail(f"--height and --width must be positive multiples of 16, got {args.height}x{args.width}")
+    common.check_numbers(args, positive=("warp_scale", "fps"), nonnegative=("degradation",))
+    if args.degradation > 1:
+        common.fail(f"--degradation={args.degradation} must be in [0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but torch sees no GPU; use --device cpu")
+        common.fail("--device cuda asked for, but torch sees no GPU; use --device cpu")
+    motions = parse_camera(common.check_text(args.prompt, "--prompt"))
+    unknown = unknown_camera_words(args.prompt)
+    if unknown and not motions:
+        common.fail(f"--prompt names no known camera motion ({', '.join(repr(w) for w in unknown)} not recognised); "
+                    f"use one of: {', '.join(VALID_PHRASES)} (no synonyms)")
+    common.check_writable_file(args.out, "--out", [".mp4"])
+    png = common.check_writable_file(args.png or os.path.splitext(args.out)[0] + "_path.png", "--png", [".png"])
+    if unknown:
+        print(f"warning: --prompt: {', '.join(repr(w) for w in unknown)} not recognised (no synonyms), only "
+              f"{', '.join(motions)} moves the camera; known phrases: {', '.join(VALID_PHRASES)}", file=sys.stderr)
     import imageio.v2 as imageio
     import matplotlib
     import numpy as np
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    motions = parse_camera(args.prompt)
     path = camera_path(motions, args.frames)
     length, rotation = path_stats(path)
     print(f"motions: {motions or 'none (static path; warped_noise would return plain noise)'}")
@@ -399,11 +438,9 @@ if __name__ == "__main__":
         cells = frames[:3, k].cpu().repeat_interleave(8, -2).repeat_interleave(8, -1)  # latent cell -> 8x8 pixels
         noise_rgb = (cells / 6 + 0.5).clamp(0, 1).permute(1, 2, 0).mul(255).round().byte().numpy()  # +-3 sigma
         video.append(np.concatenate([_flow_rgb(flows[k], max_mag), noise_rgb], 1))  # (H, 2 W, 3)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     imageio.mimwrite(args.out, video, fps=args.fps)
     print(f"wrote {args.out} ({args.frames} frames, max flow {max_mag:.2f} px at {args.width}x{args.height})")
 
-    png = args.png or os.path.splitext(args.out)[0] + "_path.png"
     pos, fwd = path[:, :3, 3].numpy(), path[:, :3, 2].numpy()  # camera centres and optical axes
     span = max(float(abs(pos[:, [0, 2]]).max()), 100.0)
     fig, ax = plt.subplots(figsize=(6, 6))

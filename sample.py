@@ -358,44 +358,152 @@ def save_video(path, video, fps=16):
 
 
 # -----------------------------------------------------------------------------
+# LoRA adapters and prompts, checked before any sampling
+
+def check_lora_file(folder, flag="--lora"):
+    """Before any model loads: `folder` holds a readable LORA_FILE whose tensors are all finite and include
+    `transformer.*.lora_A/B` ones (the keys train.py exports). Tensors are read one at a time (LoRAs are small)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isdir(folder):
+        common.fail(f"{flag}={folder} is not a folder; pass one exported by train.py")
+    path = os.path.join(folder, LORA_FILE)
+    if not os.path.isfile(path):
+        common.fail(f"{flag}={folder} has no {LORA_FILE}; pass a folder exported by train.py")
+    try:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                t = f.get_tensor(key)
+                if not torch.isfinite(t).all():
+                    common.fail(f"{flag}: tensor {key} of {path} is not finite (NaN or inf); the training run "
+                                "that wrote it diverged, use an earlier checkpoint")
+    except (SafetensorError, OSError) as e:
+        common.fail(f"{flag}: {path} is not a readable safetensors file ({e}); it may be truncated, re-copy it")
+    if not any(k.startswith("transformer.") and ".lora_" in k for k in keys):
+        common.fail(f"{flag}: {path} holds no transformer.*.lora_A/B tensors "
+                    f"({f'first key {keys[0]}' if keys else 'no tensors'}); pass a folder exported by train.py")
+
+
+def load_lora(transformer, folder, flag="--lora"):
+    """Load a LoRA folder into `transformer` (diffusers' load_lora_adapter, prefix "transformer") and prove it
+    landed: each `transformer.<module>.lora_{A,B}.weight` of the file must afterwards equal the model's
+    `<module>.lora_{A,B}.<adapter>.weight`. None -> error (sampling would silently use the base model); some -> a
+    warning with the counts. A file naming no module of this model stops before loading. Returns the adapter name."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from safetensors import safe_open
+
+    path = os.path.join(folder, LORA_FILE)
+    with safe_open(path, "pt") as f:
+        keys = {k.removeprefix("transformer."): k for k in f.keys() if k.startswith("transformer.") and ".lora_" in k}
+    modules = {name for name, _ in transformer.named_modules()}
+    targets = {k.split(".lora_")[0] for k in keys}
+    if not targets & modules:
+        common.fail(f"{flag}={folder}: none of its {len(targets)} LoRA layers exist in this model (e.g. "
+                    f"{min(targets)}); was it trained on another model?")
+    before = set(getattr(transformer, "peft_config", {}))
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its multi-line notes; we report in one line
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_FILE)
+    except (RuntimeError, ValueError) as e:
+        common.fail(f"{flag}={folder} does not fit this model ({str(e).splitlines()[0]})")
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    adapter = (set(transformer.peft_config) - before).pop()
+    params = dict(transformer.named_parameters())
+    landed = 0
+    with safe_open(path, "pt") as f:
+        for short, key in keys.items():
+            module, kind, leaf = short.rsplit(".", 2)  # blocks.0.attn1.to_q, lora_A, weight
+            p = params.get(f"{module}.{kind}.{adapter}.{leaf}")
+            t = f.get_tensor(key)
+            landed += p is not None and p.shape == t.shape and torch.equal(p.detach().cpu(), t.to(p.dtype))
+    if landed == 0:
+        common.fail(f"{flag}={folder}: none of its {len(keys)} LoRA tensors loaded into the model; sampling would "
+                    "use the base model")
+    if landed < len(keys):
+        missing = targets - modules
+        why = (f"{len(missing)} of {len(targets)} layers missing, e.g. {min(missing)}" if missing else
+               "the rest differ in shape or value once loaded")
+        warn(f"{flag}={folder}: only {landed} of {len(keys)} LoRA tensors match this model ({why}); the rest is "
+             "ignored")
+    return adapter
+
+
+def camera_warnings(prompts, warp_mode="init"):
+    """Start-up warnings over all prompts, one line per kind (count + first example): camera words the parser
+    does not know (noise_warp.unknown_camera_words), and prompts naming no camera at all."""
+    lines = []
+    odd = [(i, words) for i, prompt in enumerate(prompts) if (words := noise_warp.unknown_camera_words(prompt))]
+    if odd:
+        lines.append(f"{len(odd)} of {len(prompts)} prompt(s) use camera words the parser does not know (e.g. "
+                     f"#{odd[0][0]}: {', '.join(repr(w) for w in odd[0][1])}), which steer nothing; the known "
+                     f"phrases are: {', '.join(noise_warp.VALID_PHRASES)}")
+    flagged = {i for i, _ in odd}
+    plain = [i for i, prompt in enumerate(prompts) if i not in flagged and not noise_warp.parse_camera(prompt)]
+    if warp_mode != "none" and plain:
+        lines.append(f"{len(plain)} of {len(prompts)} prompt(s) name no camera motion (e.g. #{plain[0]}: "
+                     f"{prompts[plain[0]][:60]!r}) and get plain Gaussian noise; start a prompt with e.g. "
+                     "'Camera orbit left.' to steer the camera")
+    return lines
+
+
+def length_warning(tokenizer, prompts, text_len):
+    """A line if any prompt is longer than `text_len` UMT5 tokens (special tokens counted, as `encode` counts
+    them), which `encode` cuts; else None."""
+    ids = tokenizer([clean_prompt(p) for p in prompts], add_special_tokens=True, truncation=False,
+                    verbose=False).input_ids
+    counts = [len(x) for x in ids]
+    cut = [i for i, n in enumerate(counts) if n > text_len]
+    if not cut:
+        return None
+    longest = max(cut, key=lambda i: counts[i])
+    return (f"{len(cut)} of {len(prompts)} prompt(s) are longer than --text_len={text_len} tokens and are cut "
+            f"(longest: #{longest}, {counts[longest]} tokens); raise --text_len or shorten them")
+
+
+def warn(line):
+    """A start-up warning: one line on stderr, from rank 0 only."""
+    common.print0(f"warning: {line}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
-def read_prompts(path):
-    """One prompt per line; blank lines skipped. Errors name the file and what to do."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: prompt file {path} does not exist; pass a text file with one prompt per line")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise SystemExit(f"error: prompt file {path} has no prompts; write one prompt per line")
-    return prompts
+def read_prompts(path, flag="--prompts"):
+    """One prompt per line, UTF-8; blank lines skipped. Errors name the file, the line and what to do."""
+    return common.read_lines(path, flag)
 
 
 def check_video_size(frames, height, width):
     """Wan2.1's VAE compresses time 4x (plus the first frame) and space 8x; the transformer patches 2x2."""
     if frames < 1 or (frames - 1) % 4:
-        raise SystemExit(f"error: --frames={frames} must be 4k+1 (e.g. 9, 17, 81)")
+        common.fail(f"--frames={frames} must be 4k+1 (e.g. 9, 17, 81)")
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % 16:
-            raise SystemExit(f"error: --{name}={v} must be a positive multiple of 16 (e.g. 480, 832)")
+            common.fail(f"--{name}={v} must be a positive multiple of 16 (e.g. 480, 832)")
 
 
 def make_writable_dir(folder, flag="--out"):
-    """Create `folder` if needed and check we can write there; one clear line if not."""
-    folder = folder or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create the folder {flag}={folder} ({e.strerror}); pick a writable place")
-    if not os.access(folder, os.W_OK):
-        raise SystemExit(f"error: cannot write to {folder}; pick a writable place for {flag}")
+    """Create `folder` if needed and prove a file can be written there; one clear line if not."""
+    return common.check_writable_dir(folder, flag)
 
 
 def parse_size_args(parser, argv, sizes):
-    """Two-pass parse: read --size, apply that preset as defaults, then parse everything (explicit flags win)."""
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**{k: v for k, v in sizes[known.size].items() if k in vars(known)})
-    return parser.parse_args(argv)
+    """Parse with the --size preset as defaults (explicit flags win); one-line errors (common.parse_flags)."""
+    return common.parse_flags(parser, argv, sizes)
+
+
+def check_model_arg(model):
+    """A path-like --model must be a diffusers folder (a hub id is checked when it loads)."""
+    if model is not None and (model.startswith((".", "/")) or os.path.exists(model)) \
+            and not os.path.isfile(os.path.join(model, "model_index.json")):
+        common.fail(f"--model={model} is not a diffusers folder (no model_index.json)")
 
 
 def main(argv=None):
@@ -406,7 +514,8 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help="text prompt; camera words like 'Camera orbit left.' steer it")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (then --out is a folder)")
     p.add_argument("--negative_prompt", default="", help="negative prompt for classifier-free guidance")
-    p.add_argument("--out", default="out.mp4", help="output mp4 (one prompt) or folder (--prompts)")
+    p.add_argument("--out", default=None, help="output mp4 (one prompt; default out.mp4) or folder (--prompts; "
+                   "default videos/)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt 0; prompt i uses seed + i")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the size's)")
     p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
@@ -426,38 +535,42 @@ def main(argv=None):
 
     # Validate everything before any model loads.
     check_video_size(args.frames, args.height, args.width)
-    if args.steps < 1:
-        raise SystemExit(f"error: --steps={args.steps} must be at least 1")
+    common.check_numbers(args, positive=("steps", "warp_scale", "text_len", "fps"),
+                         nonnegative=("warp_strength", "degradation"), finite=("guidance",))
+    if args.degradation > 1:
+        common.fail(f"--degradation={args.degradation} must be in [0, 1]")
     if (args.prompt is None) == (args.prompts is None):
-        raise SystemExit("error: give exactly one of --prompt \"...\" or --prompts FILE")
-    if args.prompt is not None and not args.prompt.strip():
-        raise SystemExit("error: --prompt is empty; describe the video, e.g. --prompt \"Camera pan left. A harbour.\"")
-    prompts = [args.prompt.strip()] if args.prompt is not None else read_prompts(args.prompts)
-    if args.prompts is not None:
+        common.fail("give exactly one of --prompt \"...\" or --prompts FILE")
+    common.check_text(args.negative_prompt, "--negative_prompt")
+    if args.prompt is not None:
+        if not common.check_text(args.prompt, "--prompt").strip():
+            common.fail("--prompt is empty; describe the video, e.g. --prompt \"Camera pan left. A harbour.\"")
+        args.out = args.out or "out.mp4"
+        prompts, outs = [args.prompt.strip()], [common.check_writable_file(args.out, "--out", [".mp4"])]
+    else:
+        prompts, args.out = read_prompts(args.prompts), args.out or "videos"
+        if args.out.lower().endswith(".mp4"):
+            common.fail(f"--out={args.out} names a file, but --prompts writes one video per line: pass a folder")
         make_writable_dir(args.out)
         outs = [os.path.join(args.out, f"{i:04d}.mp4") for i in range(len(prompts))]
-    else:
-        if not args.out.endswith(".mp4"):
-            raise SystemExit(f"error: --out={args.out} must end in .mp4")
-        make_writable_dir(os.path.dirname(args.out))
-        outs = [args.out]
-    if args.lora is not None and not os.path.isdir(args.lora):
-        raise SystemExit(f"error: --lora={args.lora} is not a folder; pass one exported by train.py")
-    if args.model is not None and (args.model.startswith((".", "/")) or os.path.exists(args.model)) \
-            and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise SystemExit(f"error: --model={args.model} is not a diffusers folder (no model_index.json)")
+    if args.lora is not None:
+        check_lora_file(args.lora)
+    check_model_arg(args.model)
     if args.warp_strength is None and args.warp_mode == "stepwise":
         args.warp_strength = STEPWISE_STRENGTH[args.size]
+    for line in camera_warnings(prompts, args.warp_mode):
+        warn(line)
 
     _, _, _, device = common.setup_dist()
     t0 = time.time()
     wan = load_wan(args.model, device)
     if args.lora is not None:
-        wan.transformer.load_lora_adapter(args.lora, prefix="transformer", weight_name=LORA_FILE)
-    plain = [i for i, prompt in enumerate(prompts) if not noise_warp.parse_camera(prompt)]
-    if args.warp_mode != "none" and plain:
-        print(f"{len(plain)} prompt(s) without camera words (e.g. #{plain[0]}) use plain Gaussian noise; "
-              "start a prompt with e.g. 'Camera orbit left.' to steer the camera")
+        load_lora(wan.transformer, args.lora)
+    if line := length_warning(wan.tokenizer, prompts, args.text_len):
+        warn(line)
+    print(f"loaded {args.model or 'the tiny random Wan2.1'}" + (f" + {args.lora}" if args.lora else "")
+          + f" on {device} in {time.time() - t0:.1f} s", flush=True)
+    t0 = time.time()
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         video = generate(wan, prompt, args.seed + i, frames=args.frames, height=args.height, width=args.width,
                          steps=args.steps, guidance=args.guidance, sampler=args.sampler, text_len=args.text_len,

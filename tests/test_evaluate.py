@@ -498,13 +498,13 @@ def test_bad_inputs_stop_before_loading(no_models, run_dir, prompt_file, tmp_pat
         (["--lora", str(tmp_path)], "has no pytorch_lora_weights"),
         (["--ckpt", str(run_dir), "--lora", str(tmp_path)], "not both"),
         (["--ckpt", str(run_dir), "--size", "small"], "trained at --size=tiny"),
-        (["--prompts", str(empty)], "no prompts"),
+        (["--prompts", str(empty)], "has no lines"),
         (["--prompts", str(tmp_path / "missing.txt")], "does not exist"),
         (["--out", str(blocker / "sub")], "cannot create the folder"),
         (["--curves", str(tmp_path)], "no metrics.jsonl"),
         (["--frames", "10"], "4k+1"),
         (["--model", str(tmp_path / "no_model")], "diffusers folder"),
-        (["--limit", "0"], "at least 1"),
+        (["--limit", "0"], "--limit=0 must be a positive number"),
         (["--ckpts", str(run_dir)], "did you mean --ckpt"),
     ]
     for argv, message in cases:
