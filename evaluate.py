@@ -112,6 +112,10 @@ def build_parser():
     p.add_argument("--warp_strength", type=float, default=None, help="see sample.py --warp_strength")
     # metric models
     p.add_argument("--reward_size", choices=list(SIZES), default=None, help="reward models (default: --size)")
+    p.add_argument("--dtype", choices=list(sample.DTYPES), default=None,
+                   help="network weights (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
+                   help="Gaussian rasterizer: auto = gsplat on CUDA (checked at start-up), torch elsewhere")
     p.add_argument("--dino", default=None, help="DINO hub id or folder for subject consistency "
                    "(default facebook/dino-vitb16; facebook/dinov2-base also works)")
     # output
@@ -634,7 +638,7 @@ def plot_curves(path, run_dir, max_panels=16):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, _, world, device = common.setup_dist()
+    rank, local_rank, world, device = common.setup_dist()
     prompts, t_start = args.prompt_list, time.time()
     mine = list(range(rank, len(prompts), world))  # prompt i on rank i % world, always with seed + i
     common.print0(f"evaluating {len(prompts)} prompts on {world} rank(s): base"
@@ -642,13 +646,22 @@ def main(argv=None):
 
     for line in sample.camera_warnings(prompts, args.warp_mode):
         sample.warn(line)
-    wan = sample.load_wan(args.model, device)
+    dtype = sample.resolve_dtype(args.dtype, device)
+    wan = sample.load_wan(args.model, device, dtype)
     if args.lora_dir:  # loaded (and proven to fit) before any sampling; off for the base model's pass
         sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
         wan.transformer.disable_lora()
     if line := sample.length_warning(wan.tokenizer, prompts, args.text_len):
         sample.warn(line)
-    models = reward.load_reward_models(args.reward_size, device)
+    # Both models see the same prompts: encode this rank's once, then free the text encoder (UMT5-XXL: 11 GB)
+    embeddings = sample.encode_all(wan, sorted({prompts[i] for i in mine} | {args.negative_prompt}), args.text_len)
+    del wan.text_encoder
+    models = reward.load_reward_models(args.reward_size, device, dtype)
+    for turn in (0, 1):  # local rank 0 builds gsplat's CUDA kernels first; the others then load the finished build
+        if (local_rank == 0) == (turn == 0):
+            print(f"[rank {rank}] " + reward.check_renderer(device, args.renderer), flush=True)
+        if dist.is_initialized():
+            dist.barrier()
     dino, raft = load_dino(args.dino, device), load_raft(args.raft, device)
     names = ["base"] + ([args.label] if args.lora_dir else [])
     n_grid = min(args.grid, len(prompts))
@@ -662,7 +675,8 @@ def main(argv=None):
             video = sample.generate(wan, prompts[i], args.seed + i, frames=args.frames, height=args.height,
                                     width=args.width, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                                     text_len=args.text_len, negative_prompt=args.negative_prompt,
-                                    warp_mode=args.warp_mode, warp_strength=args.warp_strength)  # (F, 3, H, W)
+                                    warp_mode=args.warp_mode, warp_strength=args.warp_strength,
+                                    embeddings=embeddings)  # (F, 3, H, W)
             t1 = time.time()
             motions = noise_warp.parse_camera(prompts[i])
             path = noise_warp.camera_path(motions, args.frames) if motions else None  # the request, from the words
