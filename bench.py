@@ -182,6 +182,8 @@ def main(argv):
     ap.add_argument("--group_size", type=int, default=8, help="videos per group")
     ap.add_argument("--steps", type=int, default=None, help="rollout steps (default 20, tiny 10)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--dtype", choices=list(sample.DTYPES), default=None,
+                    help="network weights (default: bf16 on CUDA, fp32 on CPU)")
     args = common.parse_flags(ap, argv)
     if args.random_weights and args.size == "tiny":
         common.fail("--random_weights builds the real sizes; use it with --size=small or --size=large")
@@ -211,11 +213,12 @@ def main(argv):
     preset = sample.SIZES[args.size]
     frames, height, width = preset["frames"], preset["height"], preset["width"]
     shape = sample.latent_shape(frames, height, width)
-    wan = random_wan(args.size, device) if args.random_weights else sample.load_wan(preset["model"], device)
+    dtype = sample.resolve_dtype(args.dtype, device)
+    wan = random_wan(args.size, device, dtype) if args.random_weights else sample.load_wan(preset["model"], device,
+                                                                                          dtype)
     wan.text_encoder.to(device)
     wan.vae.to(device)
     tr = wan.transformer
-    dtype = next(tr.parameters()).dtype
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = tokens_of(shape, tr)
 
@@ -226,15 +229,17 @@ def main(argv):
         if flops and nbytes:  # FLOP per byte moved: above the device's ridge point the stage can be compute-bound
             r.update(gbytes=nbytes / 1e9, flop_per_byte=flops / nbytes)
             note = f"{flops / nbytes:.0f} FLOP/byte " + note
-        if device.type == "cuda":
+        if device.type == "cuda":  # this stage's own peak: the counter is reset after every row
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+            note += f" peak {r['peak_gib']:.1f} GiB"
         rows.append(r)
         util = f"  {r['tflops']:.2f} TFLOP/s ({100 * r['util']:.0f}% of peak)" if flops else ""
         print(f"{stage:28s} {seconds:9.4f} s{util}  {note}", flush=True)
 
     prompt = "Camera orbit left, then push in. A stone lighthouse on a cliff above a dark sea, gulls below."
-    cond = sample.encode(wan, [prompt], preset["text_len"]).to(dtype)
-    uncond = sample.encode(wan, [""], preset["text_len"]).to(dtype)
+    cond = sample.encode(wan, [prompt], preset["text_len"])
+    uncond = sample.encode(wan, [""], preset["text_len"])
     x = torch.randn(1, *shape, device=device)
     sigmas = sample.flow_sigmas(steps, 3.0)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}, "
