@@ -32,7 +32,7 @@ HUB = {"small": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "large": "Wan-AI/Wan2.1-T2V-
 
 # Size presets (docs/DESIGN.md "Sizes"). Any flag given on the command line wins over its preset.
 SIZES = {
-    "tiny": dict(model=None, frames=9, height=64, width=64, steps=20, text_len=128),
+    "tiny": dict(model=None, frames=9, height=64, width=64, steps=20, text_len=64),
     "small": dict(model=HUB["small"], frames=81, height=480, width=832, steps=50, text_len=512),
     "large": dict(model=HUB["large"], frames=81, height=480, width=832, steps=50, text_len=512),
 }
