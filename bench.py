@@ -53,8 +53,8 @@ QWEN2_VL_7B = dict(  # HPSv3's backbone
                      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
     vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2))
-# The release's rollout schedule (release-facts §4, §5.3): 50 full UniPC steps per sample, groups of 2,
-# the first 24 steps trained for every sample, one optimizer step per epoch.
+# The release's rollout schedule (microsoft/World-R1 config/world_r1.py, scripts/train_world_r1.py):
+# 50 full UniPC steps per sample, groups of 2, the first 24 steps trained for every sample, one optimizer step per epoch.
 RELEASE = dict(steps=50, group_size=2, trained_steps=24, updates_per_epoch=1)
 
 

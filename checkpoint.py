@@ -38,8 +38,8 @@ def our_checkpoints(out_dir):
 
 def holds_a_run(out_dir):
     """True if out_dir already has a run's files (a fresh run must not mix its steps and checkpoints into them)."""
-    return os.path.isdir(out_dir) and (any(os.path.exists(os.path.join(out_dir, n)) for n in ("latest", "metrics.jsonl"))
-                                       or bool(our_checkpoints(out_dir)))
+    files = any(os.path.exists(os.path.join(out_dir, name)) for name in ("latest", "metrics.jsonl"))
+    return os.path.isdir(out_dir) and (files or bool(our_checkpoints(out_dir)))
 
 
 def move_aside(out_dir):
@@ -71,6 +71,11 @@ class RunLock:
         self.file.truncate()
         self.file.write(str(os.getpid()))
         self.file.flush()
+
+    def release(self):
+        """Unlock now (a run that refuses to start must not keep the folder locked until the interpreter exits)."""
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 def rotate(out_dir, keep_last, current):

@@ -20,7 +20,7 @@ def fix_torchvision():
 
     On a CPU box, pip's torchvision 0.28.0 is a CUDA build whose _C.so needs libtorch_cuda; torchvision then
     fake-registers `torchvision::nms` on an operator that does not exist and the import raises, which breaks
-    transformers, diffusers and lpips with it (shared/docs/environment.md, Q1). We define the two missing op
+    transformers, diffusers and lpips with it (torchvision/_meta_registrations.py). We define the two missing op
     schemas so the pure-python parts import. Where _C.so loads (a GPU box) this does nothing.
     """
     if "torchvision" in sys.modules:

@@ -31,7 +31,7 @@ ViT-B/16 checkpoint VBench loads from torch hub; its layer-norm eps is 1e-12 whe
 difference) and torchvision's RAFT-large C_T_V1 weights (raft_large_C_T_V1-22a6c225.pth,
 ported from the RAFT authors' raft-things.pth, which VBench uses) into the torch hub cache; seed those caches on
 offline clusters. `--size=tiny` builds random DINO and RAFT-small models in code and downloads nothing.
-MVCS (anchors.md 4.3) is not implemented: its exact definition is not known to us.
+MVCS (GeoVideo, arXiv 2512.03453) is not implemented: its exact definition is not known to us.
 """
 import common  # noqa: F401  (first: the CPU torchvision fix, before transformers, lpips, torchvision)
 
@@ -79,7 +79,7 @@ KEYS = list(METRICS)
 REWARD_KEYS = ["S_meta", "S_recon", "S_traj", "R_3D", "R_gen", "reward"]  # a table of their own in results.md
 MAIN_KEYS = [k for k in KEYS if k not in REWARD_KEYS]
 MOTION_KEYS = ("NV_PSNR", "OV_PSNR", "RotErr", "TransErr", "SubjCons", "reward")
-# The paper's own numbers (anchors.md section 5: Table 1 at 832x480 and VBench Table 2), for scale only.
+# The paper's own numbers (the World-R1 project page: Table 1 at 832x480 and the VBench Table 2), for scale only.
 PAPER = [("Wan2.1-T2V-1.3B", 17.40, 0.550, 0.467, 96.34), ("World-R1-Small", 27.63, 0.858, 0.201, 97.58),
          ("Wan2.1-T2V-14B", 19.76, 0.629, 0.405, None), ("World-R1-Large", 27.67, 0.865, 0.162, None)]
 
@@ -490,7 +490,7 @@ def write_markdown(path, args, names, means, delta, per_motion, n):
     for m in per_motion[names[0]]:
         lines.append(f"| {m} | " + " | ".join(fmt(per_motion[name][m][k], METRICS[k][1])
                                                for k in MOTION_KEYS for name in names) + " |")
-    lines += ["", "## The paper's numbers, for scale (832x480, 81 frames; anchors.md section 5; the paper does not "
+    lines += ["", "## The paper's numbers, for scale (832x480, 81 frames; the World-R1 project page; the paper does not "
               "state its reconstruction protocol, so neither NV- nor OV- is its exact counterpart)", "",
               "| model | PSNR↑ | SSIM↑ | LPIPS↓ | SubjCons%↑ |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {a:.2f} | {b:.3f} | {c:.3f} | {fmt(d, '.2f') if d else 'n/a'} |" for m, a, b, c, d in PAPER]

@@ -15,7 +15,7 @@ whose mean the velocity sets (Flow-GRPO, Liu et al. 2025, §4.2). How we depart 
 5. No value network, no length normalisation, no entropy bonus: one scalar reward per video, and the same
    advantage applies to every window step of that video.
 6. Several optimizer steps per rollout batch (`updates_per_epoch`), so the ratio leaves 1 and the clip acts
-   (the release takes one step per epoch, where the clip is inert; release-facts §5.3).
+   (the release takes one step per epoch, where the clip is inert; microsoft/World-R1 scripts/train_world_r1.py).
 """
 import math
 

@@ -9,7 +9,7 @@ transported on a grid `warp_scale` x finer than the latent, binned back down var
 at video frames 0, 4, 8, ... (Wan's 4x temporal compression) and mixed with fresh noise. The result is
 ~N(0, I) per element yet moves with the camera, so the video model is steered without new parameters.
 Constants (motion totals, plane depth, focal, grid scale, degradation, injection weights) are the World-R1
-release's (release-facts.md sections 1-3).
+release's (microsoft/World-R1 flow_grpo/diffusers_patch/camera_trajectory_utils.py).
 
 Where we depart from the release, and why:
 1. Orbit is a true orbit about the point 600 units in front of the camera, which it keeps looking at. The
@@ -36,7 +36,8 @@ from einops import rearrange, reduce
 # ----------------------------------------------------------------------------------------------------------
 # words -> motions
 
-# id -> (translation total (x, y, z), yaw total in degrees, pivot depth); release-facts.md section 1.4.
+# id -> (translation total (x, y, z), yaw total in degrees, pivot depth), as the release's
+# camera_trajectory_utils.py sample_motion_profiles.
 # A negative yaw turns the optical axis toward -x ("left"); the orbit rotates about (0, 0, pivot).
 MOTION_TABLE = {
     "push_in": ((0, 0, 600), 0, 0),
@@ -316,7 +317,7 @@ def warped_noise(prompt_or_path, latent_shape, generator, *, warp_scale=16, degr
 
 
 # ----------------------------------------------------------------------------------------------------------
-# injection into sampling (release-facts.md section 3.4; wired in sample.py)
+# injection into sampling (camera_trajectory_utils.py prepare_latents_with_camera; wired in sample.py)
 
 def lowpass_delta(warped, base, kernel=9):
     """delta_unit = box_k(warped - base) / (std + 1e-6): per frame and channel, zero padding counted in the mean.

@@ -10,7 +10,8 @@ Gaussians (`lift`); we splat the Gaussians (`render`: gsplat on CUDA, a float64-
 CPU); S_recon = 1 - mean LPIPS(frame k, render at camera k); S_meta = Qwen3-VL's expected 0-9 grade of a render
 from an unseen "meta" view, / 9; S_traj compares the estimated camera path with the requested one.
 
-Departures from the official release (release-facts.md section 6-7; docs/DESIGN.md says why):
+Departures from the official release (microsoft/World-R1 reward_server/reward_3d.py, reward_3d_backend.py,
+general_reward.py; docs/DESIGN.md says why):
  1. Meta view: the middle estimated camera orbited `meta_angle` (15 deg) about its look-at point (optical axis at
     the frame's median depth), to the side away from where the estimated path went. The release renders the
     existing camera farthest from the origin, i.e. a view the video already shows.
@@ -49,7 +50,8 @@ os.environ.setdefault("DA3_LOG_LEVEL", "WARN")  # DA3's logger prints an INFO li
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Our wording of the release's 3D-critic rubric (release-facts 6.4); {prompt} is the full video prompt.
+# Our wording of the release's 3D-critic rubric (microsoft/World-R1 reward_server/reward_3d.py); {prompt} is the
+# full video prompt.
 META_PROMPT = (
     "You are an expert in 3D computer vision. The image is a render of the 3D reconstruction (a cloud of 3D "
     "Gaussians) of a generated video, seen from a viewpoint beside the video's own camera path. Judge the video "

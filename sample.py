@@ -36,7 +36,7 @@ SIZES = {
     "small": dict(model=HUB["small"], frames=81, height=480, width=832, steps=50, text_len=512),
     "large": dict(model=HUB["large"], frames=81, height=480, width=832, steps=50, text_len=512),
 }
-# λ of the release's stepwise camera guidance, per model size (release-facts §3.4).
+# λ of the release's stepwise camera guidance, per model size (microsoft/World-R1 config/world_r1.py, wrap_strength).
 STEPWISE_STRENGTH = {"tiny": 0.35, "small": 0.35, "large": 0.4}
 
 
@@ -206,8 +206,8 @@ def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None,
     warp_mode "init" (the paper): x0 = blend(base, warped, λ), λ = warp_strength (default 1: the warped noise,
     which already carries `degradation` fresh noise); no injection.
     warp_mode "stepwise" (the release): x0 = base; after each of the first 8 steps a low-passed, unit-std
-    (warped − base) is added with weights ∝ linspace(1, 0.1, 8), then x is re-standardised (release-facts §3.4);
-    λ = warp_strength, default 0.35 (the release's value for Wan2.1-1.3B).
+    (warped − base) is added with weights ∝ linspace(1, 0.1, 8), then x is re-standardised (microsoft/World-R1
+    scripts/train_world_r1.py); λ = warp_strength, default 0.35 (the release's value for Wan2.1-1.3B).
     A prompt with no camera words (or warp_mode "none") gives plain noise. Returns (x0, inject or None, motions).
     """
     base = torch.randn((1, *shape), generator=generator, device=device)

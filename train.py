@@ -229,7 +229,7 @@ if no_camera:
 
 # The run folder: one run owns it (lock), a fresh run never mixes into an old one, every rank sees the same folder,
 # and a resumed run checks its checkpoint and config before any model loads.
-error, resume_from, saved = "", None, None
+error, resume_from, saved, lock = "", None, None, None
 if master:
     try:
         common.check_writable_dir(args.out_dir, "--out_dir")
@@ -250,6 +250,8 @@ if master:
             f.write(token := uuid.uuid4().hex)
     except SystemExit as e:
         error = str(e.code)
+        if lock is not None:
+            lock.release()
 stop_together(error)
 shared = [token if master else None, resume_from, saved]
 if dist.is_initialized():

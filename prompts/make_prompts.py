@@ -16,8 +16,8 @@ Scene files, one scene a line, '#' starts a comment line:
     scenes/light.txt        "<setting>,<setting> | <light sentence>"
 
 Splits: per category, TEST_BASES base scenes are drawn (with the seed) and held out whole for test.txt; the
-rest make train.txt. Camera prefixes follow the motion mix of the official release's prompts (release-facts.md
-§11: 68% one motion, 28% two, 4% three), single motions spread evenly, about 3% "fixed" in train and test and
+rest make train.txt. Camera prefixes follow the motion mix of the official release's prompts (microsoft/World-R1
+dataset/enhanced/*.txt: 68% one motion, 28% two, 4% three), single motions spread evenly, about 3% "fixed" in train and test and
 10% in dynamic. Every split is checked: no camera phrase inside a scene, 40-110 words, 2-4 sentences, no
 duplicate line. Only the standard library; the same seed gives byte-identical files.
 """
@@ -34,8 +34,8 @@ CATEGORIES = ["landscapes", "cities", "micro", "fantasy", "art"]  # file names i
 SIZES = {"train": 3000, "dynamic": 500, "test": 300}  # lines per split
 TEST_BASES = 30  # base scenes per category held out for test.txt
 
-# The detector's vocabulary (release-facts.md §1.1). Composites never undo themselves (no "push in, then pull
-# out"); the triples are WorldScore's pull_left / pull_right ("move, pull out, then pan" to the same side), the
+# The detector's vocabulary (microsoft/World-R1 camera_trajectory_utils.py). Composites never undo themselves
+# (no "push in, then pull out"); the triples are WorldScore's pull_left / pull_right ("move, pull out, then pan" to the same side), the
 # two crossed versions, and push in - orbit - pull out around a subject.
 SINGLE = ["push in", "pull out", "move left", "move right", "orbit left", "orbit right", "pan left", "pan right"]
 OPPOSITE = {("push in", "pull out"), ("move left", "move right"), ("orbit left", "orbit right"),
