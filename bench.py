@@ -40,7 +40,8 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
 QWEN3_VL_4B = dict(
     text_config=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, bos_token_id=151643,
+                     eos_token_id=151645,
                      rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
                                       "mrope_interleaved": True}),
     vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
@@ -49,10 +50,19 @@ QWEN3_VL_4B = dict(
     tie_word_embeddings=True)
 QWEN2_VL_7B = dict(  # HPSv3's backbone
     text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, vocab_size=152064,
+                     num_key_value_heads=4, vocab_size=152064, bos_token_id=151643, eos_token_id=151645,
                      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
     vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2))
+# Their processors: Qwen/Qwen3-VL-4B-Instruct's preprocessor_config.json (images: 256x256 to 4096x4096 pixels)
+# and video_preprocessor_config.json; Qwen/Qwen2-VL-7B-Instruct's preprocessor_config.json (min_pixels 3136,
+# max_pixels 12845056, CLIP's mean and std; HPSv3 then asks for min = max = 256*28*28 per image).
+QWEN3_VL_IMAGES = dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16, merge_size=2,
+                       temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+QWEN3_VL_VIDEOS = {**QWEN3_VL_IMAGES, "size": {"shortest_edge": 4096, "longest_edge": 25165824}}
+QWEN2_VL_IMAGES = dict(size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=14, merge_size=2,
+                       temporal_patch_size=2, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711])
 # The release's rollout schedule (microsoft/World-R1 config/world_r1.py, scripts/train_world_r1.py):
 # 50 full UniPC steps per sample, groups of 2, the first 24 steps trained for every sample, one optimizer step per epoch.
 RELEASE = dict(steps=50, group_size=2, trained_steps=24, updates_per_epoch=1)
@@ -102,7 +112,7 @@ def transformer_bytes(transformer, tokens, batch):
     tensors of tokens x dim) and the FFN's hidden layer (2 x tokens x ffn_dim), in the weights' dtype."""
     cfg = transformer.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
-    size = next(transformer.parameters()).element_size()
+    size = transformer.dtype.itemsize  # the blocks' dtype (diffusers skips the fp32 modules it keeps)
     weights = sum(p.numel() for p in transformer.blocks.parameters()) * size
     return weights + batch * cfg.num_layers * tokens * (12 * dim + 2 * cfg.ffn_dim) * size
 
@@ -113,49 +123,101 @@ def tokens_of(shape, transformer):
     return (t // pt) * (h // ph) * (w // pw)
 
 
-def random_wan(size, device, dtype=torch.bfloat16):
-    """Real Wan2.1 shapes with random weights (no download): the transformer from its config, the Wan2.1 VAE
-    (diffusers' AutoencoderKLWan defaults are its config) and a UMT5-XXL encoder, built in place in `dtype`; the
-    tiny tokenizer stands in for UMT5's (token ids do not change the cost)."""
+def random_hf(build):
+    """build() -> a transformers model, built in place (under common.build_in) with each weight drawn once; the
+    default init draws UMT5-XXL's 256384 x 4096 table five times (two nn.Embedding constructors, then once per
+    module that holds it), 50 s on a CPU. Weights of 2+ dims ~ N(0, 0.02^2) (transformers' initializer_range), other
+    weights (norm scales) 1, biases 0; buffers (RoPE frequencies) as the constructor computes them."""
+    from transformers.initialization import no_init_weights
+    with no_init_weights():
+        model = build()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, p in model.named_parameters():  # tied tensors come once
+        if p.ndim >= 2:
+            p.data.normal_(0, 0.02)
+        else:
+            p.data.fill_(0.0 if name.endswith("bias") else 1.0)
+    return model
+
+
+def random_wan(size, device, dtype=torch.bfloat16, depth=None):
+    """Real Wan2.1 shapes with random weights (no download), in the dtypes load_wan gives a checkpoint: the
+    transformer from its config in `dtype` with diffusers' fp32 modules (RoPE, time embedding, norms, scale-shift
+    tables) in fp32, a UMT5-XXL encoder in `dtype`, the Wan2.1 VAE in fp32 (diffusers' AutoencoderKLWan defaults
+    are Wan2.1's vae/config.json), each built in place. depth: transformer blocks and UMT5 layers cut to that many
+    (every width as released). The tiny tokenizer stands in for UMT5's (token ids do not change the cost)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     wan = sample.build_tiny()
+    layers = {} if depth is None else dict(num_layers=depth)
     with common.build_in(device, dtype):
-        wan.transformer = WanTransformer3DModel(**WAN_CONFIGS[size]).eval().requires_grad_(False)
+        wan.transformer = WanTransformer3DModel(**{**WAN_CONFIGS[size], **layers}).eval().requires_grad_(False)
+        wan.text_encoder = random_hf(lambda: UMT5EncoderModel(UMT5Config(**{**UMT5_XXL, **layers})))
+        wan.text_encoder.eval().requires_grad_(False)
+    with common.build_in(device, torch.float32):
         wan.vae = AutoencoderKLWan().eval().requires_grad_(False)
-        wan.text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval().requires_grad_(False)
+    keep = wan.transformer._keep_in_fp32_modules
+    for name, p in wan.transformer.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
     return wan
 
 
-def random_reward_models(device, dtype=torch.bfloat16):
-    """The real-size critics with random weights: DA3-giant (its registry preset), Qwen3-VL-4B, HPSv3 on
-    Qwen2-VL-7B, LPIPS AlexNet; the tiny tokenizers and processors at the real image sizes."""
+def real_processors():
+    """Qwen3-VL-4B's and Qwen2-VL-7B's processors with their released settings around stand-in tokenizers (no
+    download) that give Qwen's special tokens and digits their real ids; HPSv3's has its <|Reward|> token."""
+    import reward
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLProcessor
+    from transformers import Qwen3VLVideoProcessor
+    qwen = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN3_VL_IMAGES),
+                            video_processor=Qwen3VLVideoProcessor(**QWEN3_VL_VIDEOS),
+                            tokenizer=reward._tiny_tokenizer(real_ids=True), chat_template=reward.TINY_CHAT_TEMPLATE)
+    hps = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN2_VL_IMAGES),
+                           video_processor=Qwen2VLVideoProcessor(**QWEN2_VL_IMAGES),
+                           tokenizer=reward._tiny_tokenizer(extra=("<|Reward|>",), real_ids=True),
+                           chat_template=reward.TINY_CHAT_TEMPLATE)
+    return qwen, hps
+
+
+def random_reward_models(device, dtype=torch.bfloat16, depth=None, process_res=504):
+    """The real-size critics with random weights: DA3-giant (its registry preset, with its Gaussian head) in fp32,
+    Qwen3-VL-4B and HPSv3 on Qwen2-VL-7B in `dtype` (the reward head in fp32), LPIPS AlexNet; the released
+    processors (`real_processors`). depth: every decoder and vision stack cut to that many blocks, widths and
+    vocabularies as released, except where the index lists need more: DA3's backbone keeps four out layers
+    (reward._cut_dinov2: at least 4 blocks) and Qwen3-VL's vision tower its three DeepStack taps (at least 3,
+    the last three blocks)."""
     import lpips
     import reward
     from transformers import Qwen2VLConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    _, qwen_proc = reward.build_tiny_qwen()
-    _, hps_proc = reward.build_tiny_hpsv3()
-    for proc, patch in ((qwen_proc, 16), (hps_proc, 14)):  # real resolutions: 256..16384 merged patches
-        proc.image_processor.size = {"shortest_edge": 256 * (2 * patch) ** 2, "longest_edge": 16384 * (2 * patch) ** 2}
+    qwen_proc, hps_proc = real_processors()
+    q3, q2 = QWEN3_VL_4B, QWEN2_VL_7B
+    if depth is not None:
+        v3 = max(depth, len(q3["vision_config"]["deepstack_visual_indexes"]))
+        q3 = dict(q3, text_config={**q3["text_config"], "num_hidden_layers": depth}, vision_config={
+            **q3["vision_config"], "depth": v3, "deepstack_visual_indexes": [v3 - 3, v3 - 2, v3 - 1]})
+        q2 = dict(q2, text_config={**q2["text_config"], "num_hidden_layers": depth},
+                  vision_config={**q2["vision_config"], "depth": depth})
     if torch.device(device).type == "meta":  # shapes only (tests): DA3's constructor calls .item()
         from accelerate import init_empty_weights
         with init_empty_weights():
-            da3, gs_cfg = reward.load_da3(None, device="cpu")
+            da3, gs_cfg = reward.load_da3(None, device="cpu", depth=depth)
     else:
-        da3, gs_cfg = reward.load_da3(None, device=device)
+        da3, gs_cfg = reward.load_da3(None, device=device, depth=depth)
     with common.build_in(device, dtype):
-        qwen = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
-            **QWEN3_VL_4B, **reward._vision_token_ids(qwen_proc.tokenizer)))
-        hps = reward.HPSv3Reward(Qwen2VLConfig(**QWEN2_VL_7B, **reward._vision_token_ids(hps_proc.tokenizer)),
-                                 hps_proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
+        qwen = random_hf(lambda: Qwen3VLForConditionalGeneration(
+            Qwen3VLConfig(**q3, **reward._vision_token_ids(qwen_proc.tokenizer))))
+        hps = random_hf(lambda: reward.HPSv3Reward(
+            Qwen2VLConfig(**q2, **reward._vision_token_ids(hps_proc.tokenizer)),
+            hps_proc.tokenizer.convert_tokens_to_ids("<|Reward|>")))
     hps.rm_head.float()  # as load_hpsv3: the head stays fp32
     return reward.RewardModels(
         da3=da3, gs_cfg=gs_cfg, qwen=qwen.eval().requires_grad_(False), qwen_proc=qwen_proc,
         hps=hps.eval().requires_grad_(False), hps_proc=hps_proc,
         lpips=lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval().to(device),
-        device=torch.device(device), process_res=504, hps_pixels=256 * 28 * 28)
+        device=torch.device(device), process_res=process_res, hps_pixels=256 * 28 * 28)
 
 
 def forward_passes(steps, group, window, release=False):

@@ -137,13 +137,15 @@ def _attach_gs_head(net, gs_head, gs_adapter):
     return net.eval(), {k: v for k, v in gs_adapter.items() if k != "__object__"}
 
 
-def load_da3(repo="depth-anything/DA3-GIANT", preset="da3-giant", device="cpu"):
+def load_da3(repo="depth-anything/DA3-GIANT", preset="da3-giant", device="cpu", depth=None):
     """DA3 network built from the package's registry preset (the one named in the repo's config.json if any),
     weights from `model.safetensors`. That file was written by huggingface_hub's save_model from DA3's wrapper,
     which keeps the network at `.model` and stores tensors its heads share only once, so we load it the same way
     (safetensors' load_model, strict) into a holder with the same layout. repo=None: the preset with random
-    weights (bench.py's real-size timings)."""
+    weights (bench.py's real-size timings). depth (or a "depth" entry in config.json, which `save_da3` writes and
+    the released configs never have): the backbone cut to that many blocks (`_cut_dinov2`)."""
     from depth_anything_3.cfg import create_object, load_config
+    from depth_anything_3.model.da3 import DepthAnything3Net
     from depth_anything_3.registry import MODEL_REGISTRY
     from omegaconf import OmegaConf
     from huggingface_hub.errors import EntryNotFoundError
@@ -151,13 +153,18 @@ def load_da3(repo="depth-anything/DA3-GIANT", preset="da3-giant", device="cpu"):
     try:
         if repo is not None:
             with open(_hub_file(repo, "config.json")) as f:
-                preset = json.load(f).get("model_name", preset)
+                saved = json.load(f)
+            preset, depth = saved.get("model_name", preset), saved.get("depth", depth)
     except (OSError, ValueError, EntryNotFoundError):
-        pass  # no (readable) config.json: keep the preset argument
+        pass  # no (readable) config.json: keep the arguments
     cfg = OmegaConf.to_container(load_config(MODEL_REGISTRY[preset]))
     gs_head, gs_adapter = cfg.pop("gs_head", None), cfg.pop("gs_adapter", None)
     with torch.device(device):  # build where it will run: no 4.5 GB random init on the host
-        net, gs_cfg = _attach_gs_head(create_object(OmegaConf.create(cfg)), gs_head, gs_adapter)
+        if depth is None:
+            net = create_object(OmegaConf.create(cfg))
+        else:
+            net = DepthAnything3Net(_cut_dinov2(cfg["net"], depth), cfg["head"], cfg.get("cam_dec"), cfg.get("cam_enc"))
+        net, gs_cfg = _attach_gs_head(net, gs_head, gs_adapter)
     if repo is not None:
         holder = nn.Module()
         holder.model = net
@@ -165,27 +172,60 @@ def load_da3(repo="depth-anything/DA3-GIANT", preset="da3-giant", device="cpu"):
     return net.requires_grad_(False), gs_cfg
 
 
-class _TinyDinoV2(nn.Module):
-    """DA3's DinoV2 wrapper only builds ViT-S and up (22M parameters); this is the same interface at 32 wide."""
+def save_da3(net, folder, preset="da3-giant"):
+    """Write `net` (a registry preset's DepthAnything3Net, or its `_cut_dinov2` cut) as the hub repos lay it out:
+    config.json naming the preset (+ "depth" for a cut backbone) and model.safetensors as huggingface_hub's
+    save_model writes DA3's wrapper: the network under `model.`, tensors shared by the heads stored once."""
+    from safetensors.torch import save_model
+    os.makedirs(folder, exist_ok=True)
+    cfg = {"model_name": preset}
+    if isinstance(net.backbone, _DinoV2):
+        cfg["depth"] = len(net.backbone.pretrained.blocks)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    holder = nn.Module()
+    holder.model = net
+    save_model(holder, os.path.join(folder, "model.safetensors"))
 
-    def __init__(self, out_layers=(1, 3, 5, 7)):
+
+class _DinoV2(nn.Module):
+    """DA3's DinoV2 wrapper (same forward, same `pretrained.*` keys) around a ViT of any size: DA3's own class
+    fixes the depth by name (vitg: 40 blocks) and builds ViT-S and up only."""
+
+    def __init__(self, vit, out_layers):
         super().__init__()
-        from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
+        self.pretrained = vit
         self.out_layers = list(out_layers)
-        self.pretrained = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=8, num_heads=2,
-                                                alt_start=4, qknorm_start=4, rope_start=4, cat_token=True)
 
     def forward(self, x, **kw):
         return self.pretrained.get_intermediate_layers(x, self.out_layers, **kw)
+
+
+def _cut_dinov2(net, depth):
+    """A registry preset's DinoV2 (`net`: name, out_layers, alt_start, qknorm_start, rope_start, cat_token) with
+    max(depth, 4) blocks, everything else as released. The block pattern is kept in small: the heads read four
+    out layers (here the last four blocks); from alt_start on (here depth - 2: the giant's 13 of 40) blocks get
+    the camera token, QK-norm and RoPE, and odd blocks attend globally; the block before picks the reference view
+    (it needs a finished block before it, so alt_start >= 2)."""
+    from depth_anything_3.model.dinov2 import vision_transformer as vt
+    depth = max(depth, 4)
+    start = {k: depth - 2 if net[k] != -1 else -1 for k in ("alt_start", "qknorm_start", "rope_start")}
+    build = dict(vits=vt.vit_small, vitb=vt.vit_base, vitl=vt.vit_large, vitg=vt.vit_giant2)[net["name"]]
+    vit = build(img_size=518, patch_size=14, depth=depth, ffn_layer="swiglufused" if net["name"] == "vitg" else "mlp",
+                cat_token=net["cat_token"], **start)  # DA3's DinoV2 arguments for every preset
+    return _DinoV2(vit, range(depth - 4, depth))
 
 
 def build_tiny_da3():
     """Random DA3 (ViT 32-wide, DualDPT, camera decoder, GS head; 0.4M parameters). The camera decoder's last
     layers start near identity pose and a 57 deg FOV: fully random ones predict FOV ~ 0 (focal 3.5e7)."""
     from depth_anything_3.model.da3 import DepthAnything3Net
+    from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
     obj = lambda name, path: {"__object__": dict(path="depth_anything_3.model." + path, name=name, args="as_params")}
     dpt = dict(dim_in=64, features=16, out_channels=[8, 16, 32, 32])
-    net = DepthAnything3Net(_TinyDinoV2(), head={**obj("DualDPT", "dualdpt"), **dpt, "output_dim": 2},
+    vit = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=8, num_heads=2, alt_start=4,
+                                qknorm_start=4, rope_start=4, cat_token=True)
+    net = DepthAnything3Net(_DinoV2(vit, (1, 3, 5, 7)), head={**obj("DualDPT", "dualdpt"), **dpt, "output_dim": 2},
                             cam_dec={**obj("CameraDec", "cam_dec"), "dim_in": 64},
                             cam_enc={**obj("CameraEnc", "cam_enc"), "dim_out": 32})
     gs_adapter = dict(sh_degree=2, pred_color=False, pred_offset_depth=True, pred_offset_xy=True,
@@ -199,12 +239,27 @@ def build_tiny_da3():
     return net.requires_grad_(False), gs_cfg
 
 
-def _tiny_tokenizer(extra=()):
-    """Byte-level Qwen tokenizer with no merges (every byte, so every digit, is one token) + Qwen's specials."""
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")  # ids 151643.. in Qwen's vocab
+
+
+def _tiny_tokenizer(extra=(), real_ids=False):
+    """Byte-level Qwen tokenizer with no merges (every byte, so every digit, is one token) + Qwen's specials.
+    real_ids: the ids Qwen's own vocabulary gives them (bytes 0..255 in GPT-2's byte order, so "0".."9" are
+    15..24; <|endoftext|> 151643 ... <|video_pad|> 151656; `extra` after those), with never-produced filler
+    tokens in between, so a real-size embedding is read at the rows a real prompt reads."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2Tokenizer
-    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[],
-                         unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    if real_ids:
+        vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+        vocab.update({f"<filler_{i}>": i for i in range(len(vocab), 151643)})
+        vocab.update({t: 151643 + i for i, t in enumerate(QWEN_SPECIALS)})
+    else:
+        vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|vision_start|>", "<|vision_end|>",
                                                           "<|image_pad|>", "<|video_pad|>", *extra]})
     return tok
@@ -314,9 +369,26 @@ def load_hpsv3(repo="MizzenAI/HPSv3", backbone="Qwen/Qwen2-VL-7B-Instruct", devi
     config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
     with common.build_in(device, dtype):
         model = HPSv3Reward(config, proc.tokenizer.convert_tokens_to_ids("<|Reward|>"))
+    model.rm_head.float()  # before loading: the head's fp32 weights must not pass through bf16
     model.load_state_dict(sd, strict=True)
-    model.rm_head.float()
     return model.eval().requires_grad_(False), proc
+
+
+def save_hpsv3(model, proc, folder, backbone_folder):
+    """Write an HPSv3Reward as the release lays it out: `folder`/HPSv3.safetensors in transformers 4.45's
+    Qwen2-VL key layout (visual.*, model.*, rm_head.*; the inverse of `remap_hpsv3_key`, without the unused LM
+    head), and the backbone's config and processor in `backbone_folder`, where the Qwen2-VL repo has them."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    old = {}
+    for k, v in model.state_dict().items():
+        for new, was in (("backbone.visual.", "visual."), ("backbone.language_model.", "model.")):
+            if k.startswith(new):
+                k = was + k.removeprefix(new)
+        old[k] = v.contiguous()
+    save_file(old, os.path.join(folder, "HPSv3.safetensors"))
+    model.backbone.config.save_pretrained(backbone_folder)
+    proc.save_pretrained(backbone_folder)
 
 
 def build_tiny_hpsv3():
@@ -340,8 +412,9 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3="depth-anythin
                        qwen="Qwen/Qwen3-VL-4B-Instruct", hps="MizzenAI/HPSv3",
                        hps_backbone="Qwen/Qwen2-VL-7B-Instruct", seed=0, process_res=None):
     """size="tiny": random models built in code (fixed seed, no files, no network). Otherwise real weights
-    (hub ids or local folders): the VLMs in `dtype` (bf16 on CUDA, fp32 on CPU); DA3 keeps fp32 weights and
-    runs under bf16 autocast on CUDA like its own inference (its heads run in fp32 inside); LPIPS is fp32."""
+    (hub ids or local folders, e.g. from `save_reward_models`): the VLMs in `dtype` (bf16 on CUDA, fp32 on CPU);
+    DA3 keeps fp32 weights and runs under bf16 autocast on CUDA like its own inference (its heads run in fp32
+    inside), in plain fp32 on CPU; LPIPS is fp32. process_res: DA3's input size (default 56 tiny, 504 real)."""
     if size not in ("tiny", "small", "large"):
         raise ValueError(f"reward size {size!r}: choose tiny, small or large")
     import lpips
@@ -354,7 +427,7 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3="depth-anythin
             qwen_model, qwen_proc = build_tiny_qwen()
             hps_model, hps_proc = build_tiny_hpsv3()
             lp = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)  # random AlexNet
-        res, hps_pixels = 56, 56 * 56
+        res, hps_pixels = process_res or 56, 56 * 56
     else:
         from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
         da3_net, gs_cfg = load_da3(da3, device=device)
@@ -362,10 +435,23 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3="depth-anythin
         qwen_proc = AutoProcessor.from_pretrained(qwen)
         hps_model, hps_proc = load_hpsv3(hps, hps_backbone, device, dtype)
         lp = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=False, verbose=False)
-        res, hps_pixels = 504, 256 * 28 * 28
+        res, hps_pixels = process_res or 504, 256 * 28 * 28
     return RewardModels(da3=da3_net.to(device), gs_cfg=gs_cfg, qwen=qwen_model.to(device), qwen_proc=qwen_proc,
                         hps=hps_model.to(device), hps_proc=hps_proc, lpips=lp.eval().requires_grad_(False).to(device),
                         device=device, process_res=process_res or res, hps_pixels=hps_pixels)
+
+
+def save_reward_models(models, folder, da3_preset="da3-giant"):
+    """Write the critics in their released layouts (folder/da3, qwen, hps, hps_backbone) and return those paths
+    as load_reward_models' keyword arguments: how tests run the real loaders on models built in code. DA3 must be
+    the registry preset `da3_preset` or a cut of it. LPIPS is not written: the loader builds it from the lpips
+    package (its AlexNet from torchvision's ImageNet weights)."""
+    paths = {k: os.path.join(folder, k) for k in ("da3", "qwen", "hps", "hps_backbone")}
+    save_da3(models.da3, paths["da3"], da3_preset)
+    models.qwen.save_pretrained(paths["qwen"])
+    models.qwen_proc.save_pretrained(paths["qwen"])
+    save_hpsv3(models.hps, models.hps_proc, paths["hps"], paths["hps_backbone"])
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------

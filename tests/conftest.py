@@ -7,3 +7,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; a hub call is a bug
 
 import common  # noqa: E402,F401  (runs the torchvision fix)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long tests (the real model shapes); CI runs them, -m 'not slow' "
+                                       "skips them")
