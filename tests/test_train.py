@@ -52,7 +52,8 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
     for name in ("trainable.safetensors", "ema.safetensors", "optimizer.pt", "rng_rank0.pt", "state.json", "lora"):
         assert (ckpt / name).exists(), name
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
-    assert sorted(os.listdir(out)) == ["ckpt_000000", "ckpt_000001", "ckpt_000002", "eval", "latest", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", ".run_token", "ckpt_000000", "ckpt_000001", "ckpt_000002", "eval",
+                                       "latest", "metrics.jsonl"]
 
     # the exported EMA LoRA loads into the tiny pipeline through diffusers and sample.py --lora and changes output
     import sample
