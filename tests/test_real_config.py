@@ -195,3 +195,31 @@ def test_score_marks_black_and_failing_videos_bad_and_raises_systemic_failures(m
     monkeypatch.setattr(reward, "hpsv3_score", oom)
     with pytest.raises(torch.OutOfMemoryError):
         reward.score(models, videos[:1], ["a cat"], [None], dynamic=True)
+
+
+def test_a_rank_that_sees_another_out_dir_stops_every_rank(tmp_path):
+    """Node-local disks: rank 1 writing elsewhere than rank 0 would lose its checkpoint shards mid-run. Simulated by
+    giving rank 1 another folder; both ranks stop at start-up with one line, before any model loads."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text("import os, runpy, sys\n"
+                       "if os.environ['RANK'] == '1':\n"
+                       "    sys.argv = [a.replace('/run', '/elsewhere') for a in sys.argv]\n"
+                       f"sys.argv[0] = 'train.py'\nos.chdir({ROOT!r})\n"
+                       "runpy.run_path('train.py', run_name='__main__')\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           "--size=tiny", "--reward=toy", "--max_steps=1", f"--out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "rank 1 sees no token in --out_dir" in proc.stderr and "filesystem all nodes share" in proc.stderr
+    assert "trainable parameters" not in proc.stdout  # stopped before the models
+
+
+def test_bf16_evaluation_is_finite(tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "evaluate.py", "--size=tiny", "--dtype=bf16", "--limit=2", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    means = json.loads((out / "results.json").read_text())["models"][0]["means"]
+    for key in ("NV_PSNR", "OV_PSNR", "RotErr", "HPSv3", "reward"):
+        assert means[key] is not None and means[key] == means[key], key

@@ -167,7 +167,7 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--grup_size=4"], "unknown flag --grup_size; did you mean --group_size"),
+    (["--grup_size=4"], "unknown argument --grup_size=4; did you mean --group_size"),
     (["--group_size=1"], "at least 2 videos"),
     (["--prompts_per_rank=4", "--train_prompts=PROMPTS3"], "fewer than 1 ranks x 4 prompts per rank"),
     (["--train_prompts=/nonexistent/train.txt"], "does not exist"),

@@ -20,10 +20,12 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
     BENCH=(--size=small --random_weights --repeats=1)
 else
     MODE=cpu-dry-run
-    REAL=(--size=small --random_weights --dtype=bf16 --depth=1 --frames=17 --height=128 --width=224 --lift_res=224
+    REAL=(--size=small --random_weights --dtype=bf16 --depth=1 --frames=9 --height=64 --width=112 --lift_res=84
           --steps=4 --text_len=64)
     BENCH=(--stages=passes)
 fi
+printf '%s\n' "Camera orbit left. A stone lighthouse on a cliff above a dark sea." \
+    "Camera push in. A narrow alley of red lanterns at dusk." > "$OUT/prompts.txt"  # two prompts: encoded in seconds
 echo "gpu_check: $MODE, writing to $OUT"
 SUMMARY="$OUT/summary.tsv"
 : > "$SUMMARY"
@@ -54,7 +56,7 @@ import common, torch, reward
 device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 print(reward.check_renderer(device))"
 part rl_step 300 python train.py "${REAL[@]}" --group_size=2 --prompts_per_rank=1 --max_steps=1 --eval_every=0 \
-    --save_every=1 --out_dir="$OUT/run" --overwrite
+    --dynamic_every=0 --train_prompts="$OUT/prompts.txt" --save_every=1 --out_dir="$OUT/run" --overwrite
 part bench 240 python bench.py "${BENCH[@]}" --json "$OUT/bench.json"
 part warp_full 60 python bench.py --stages=warp_full --json "$OUT/warp.json"
 
