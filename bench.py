@@ -195,9 +195,10 @@ def random_reward_models(device, dtype=torch.bfloat16, depth=None, process_res=5
     qwen_proc, hps_proc = real_processors()
     q3, q2 = QWEN3_VL_4B, QWEN2_VL_7B
     if depth is not None:
-        v3 = max(depth, len(q3["vision_config"]["deepstack_visual_indexes"]))
+        taps = len(q3["vision_config"]["deepstack_visual_indexes"])
+        v3 = max(depth, taps)
         q3 = dict(q3, text_config={**q3["text_config"], "num_hidden_layers": depth}, vision_config={
-            **q3["vision_config"], "depth": v3, "deepstack_visual_indexes": [v3 - 3, v3 - 2, v3 - 1]})
+            **q3["vision_config"], "depth": v3, "deepstack_visual_indexes": list(range(v3 - taps, v3))})
         q2 = dict(q2, text_config={**q2["text_config"], "num_hidden_layers": depth},
                   vision_config={**q2["vision_config"], "depth": depth})
     if torch.device(device).type == "meta":  # shapes only (tests): DA3's constructor calls .item()

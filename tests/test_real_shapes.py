@@ -10,7 +10,7 @@ transformer step, the VAE, and reward.score on 2 videos, checking shapes, dtypes
 
     python -m pytest -q tests/test_real_shapes.py
 
-About 4 minutes on 2 CPU cores (the fp32 VAE decode alone ~100 s), peak memory under 8 GB.
+3 to 4 minutes on 2 CPU cores (the fp32 VAE decode ~1 min of it), 6.5 GB peak memory; marked slow.
 """
 import gc
 import hashlib
@@ -30,8 +30,8 @@ CPU = torch.device("cpu")
 BF16 = torch.bfloat16
 FRAMES, HEIGHT, WIDTH = 17, 128, 224
 PROMPT = "Camera orbit left. A stone lighthouse on a cliff above a dark sea, gulls below."
-# DA3's input size: the networks' shapes do not depend on it, the CPU rasterizer's time grows with it (504 on a
-# GPU); 84 gives 42 x 84 frames, 3 x 6 patches, the smallest size LPIPS's AlexNet still takes.
+# DA3's input size (504 in real runs): the networks' shapes do not depend on it, the CPU rasterizer's time grows
+# with it. 84 gives 42 x 84 frames (3 x 6 patches); LPIPS's AlexNet needs frames over ~32 pixels high.
 PROCESS_RES = 84
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers vae/config.json (the 14B repo ships the same VAE)
@@ -180,7 +180,7 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
     assert ((r["S_meta"] > 0) & (r["S_meta"] < 1)).all() and (r["R_gen"] != 0).all()
 
     h, w = reward._lift_size(HEIGHT, WIDTH, PROCESS_RES)
-    assert (h, w) == (42, 84)
+    assert (h, w) == (42, 84) and len(lifts) == len(qwen_in) == len(hps_in) == 2
     for lf in lifts:  # DA3's Gaussian head: one Gaussian per pixel, degree-2 SH
         n = FRAMES * h * w
         assert lf.depth.shape == (FRAMES, h, w) and lf.c2w.shape == (FRAMES, 4, 4) and lf.K.shape == (FRAMES, 3, 3)
@@ -188,13 +188,14 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
         assert all(torch.isfinite(t).all() for t in (lf.depth, lf.c2w, lf.K, *lf.gaussians.values()))
     # Qwen3-VL grades the 42 x 84 meta render, resized to >= 65536 pixels in steps of 32 (patch 16, merge 2)
     gh, gw = smart_resize(h, w, 32, 65536, 16777216)
+    assert (gh, gw) == (192, 384)
     for kw in qwen_in:
         assert kw["image_grid_thw"].tolist() == [[1, gh // 16, gw // 16]]
         assert kw["pixel_values"].shape == (gh * gw // 256, 3 * 2 * 16 * 16) and kw["pixel_values"].dtype == BF16
         assert int((kw["input_ids"] == 151655).sum()) == gh * gw // (32 * 32)
     # HPSv3 scores the first 4 frames at 128 x 224, resized to about 256*28*28 pixels (patch 14, merge 2)
     gh, gw = smart_resize(HEIGHT, WIDTH, 28, 256 * 28 * 28, 256 * 28 * 28)
-    assert len(hps_in) == 2
+    assert (gh, gw) == (364, 616)
     for kw in hps_in:
         assert kw["image_grid_thw"].tolist() == [[1, gh // 14, gw // 14]] * 4
         assert kw["pixel_values"].dtype == BF16 and kw["pixel_values"].shape[1] == 3 * 2 * 14 * 14
