@@ -438,7 +438,7 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3="depth-anythin
         res, hps_pixels = process_res or 504, 256 * 28 * 28
     return RewardModels(da3=da3_net.to(device), gs_cfg=gs_cfg, qwen=qwen_model.to(device), qwen_proc=qwen_proc,
                         hps=hps_model.to(device), hps_proc=hps_proc, lpips=lp.eval().requires_grad_(False).to(device),
-                        device=device, process_res=process_res or res, hps_pixels=hps_pixels)
+                        device=device, process_res=res, hps_pixels=hps_pixels)
 
 
 def save_reward_models(models, folder, da3_preset="da3-giant"):
