@@ -204,7 +204,7 @@ def test_a_rank_that_sees_another_out_dir_stops_every_rank(tmp_path):
     wrapper.write_text("import os, runpy, sys\n"
                        "if os.environ['RANK'] == '1':\n"
                        "    sys.argv = [a.replace('/run', '/elsewhere') for a in sys.argv]\n"
-                       f"sys.argv[0] = 'train.py'\nos.chdir({ROOT!r})\n"
+                       f"sys.argv[0] = 'train.py'\nos.chdir({ROOT!r})\nsys.path.insert(0, {ROOT!r})\n"
                        "runpy.run_path('train.py', run_name='__main__')\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
            "--size=tiny", "--reward=toy", "--max_steps=1", f"--out_dir={tmp_path / 'run'}"]
