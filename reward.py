@@ -994,7 +994,7 @@ def score(models, videos, prompts, paths, dynamic=False, *, w_3d=1.0, w_gen=1.0,
             out["R_gen"][i] = gen_scale * _guard(reasons, "HPSv3", lambda: float(
                 hpsv3_score(models, video[:k], [prompts[i]] * k).mean()))
         reason = "; ".join(r for r in reasons if r)
-        if reason:
+        if reason and reason != "no camera words":  # that one is a defined S_traj = 0; train.py says it once
             print(f"[reward] video {i} ({prompts[i][:60]!r}): {reason}", flush=True)
         all_reasons.append(reason)
     res = {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
