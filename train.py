@@ -221,11 +221,8 @@ micro_per_update = math.ceil(transitions_per_rank / args.updates_per_epoch / arg
 if transitions_per_rank < args.updates_per_epoch:
     common.fail(f"{transitions_per_rank} transitions per rank cannot feed {args.updates_per_epoch} updates; raise "
                 "--group_size/--prompts_per_rank or lower --updates_per_epoch")
-no_camera = [q for q in train_prompts if not noise_warp.parse_camera(q)]
-if no_camera:
-    print0(f"note: {len(no_camera)} of {len(train_prompts)} training prompts name no camera motion (e.g. "
-           f"{no_camera[0][:60]!r}): plain noise, S_traj = 0; the phrases are "
-           + ", ".join(m.replace("_", " ") for m in noise_warp.MOTIONS))
+for line in sample.camera_warnings(train_prompts, args.warp_mode):
+    sample.warn(line)
 
 # The run folder: one run owns it (lock), a fresh run never mixes into an old one, every rank sees the same folder,
 # and a resumed run checks its checkpoint and config before any model loads.
@@ -311,18 +308,15 @@ print0(f"trainable parameters: {sum(prm.numel() for prm in trainable.values()) *
 
 # Prompt embeddings: each prompt the run can draw is encoded once, here, and kept on the host trimmed to its tokens;
 # then UMT5 leaves the device (UMT5-XXL is 11 GB of bf16 that would otherwise sit idle beside the policy).
-too_long = [q for q in train_prompts + dynamic_prompts + test_prompts
-            if len(wan.tokenizer(sample.clean_prompt(q)).input_ids) > args.text_len]
-if too_long:
-    print0(f"note: {len(too_long)} prompts are longer than --text_len={args.text_len} tokens and are cut (e.g. "
-           f"{too_long[0][:60]!r})")
-embeddings = sample.encode_all(wan, sorted(set(train_prompts + dynamic_prompts + test_prompts + [args.negative_prompt])),
-                               args.text_len)
+all_prompts = train_prompts + dynamic_prompts + test_prompts
+if line := sample.length_warning(wan.tokenizer, all_prompts, args.text_len):
+    sample.warn(line)
+embeddings = sample.encode_all(wan, sorted(set(all_prompts + [args.negative_prompt])), args.text_len)
 del wan.text_encoder
 if device.type == "cuda":
     torch.cuda.empty_cache()
-print0(f"encoded {len(embeddings)} prompts once ({sum(e.numel() * e.element_size() for e in embeddings.values()) / 2**20:.0f}"
-       " MiB on the host); the text encoder is released")
+host_mib = sum(e.numel() * e.element_size() for e in embeddings.values()) / 2**20
+print0(f"encoded {len(embeddings)} prompts once ({host_mib:.0f} MiB on the host); the text encoder is released")
 
 
 def embed(prompts):

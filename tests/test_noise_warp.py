@@ -2,7 +2,7 @@
 Tests of noise_warp.py: camera words, camera paths, plane flow, noise transport, read-out and injection.
 
 Run: `python -m pytest tests/test_noise_warp.py -q` from the repo root (about 15 s on 2 CPU cores).
-Expected values are analytic (trigonometry, the release's numbers in release-facts.md section 14) or come from
+Expected values are analytic (trigonometry, the numbers of microsoft/World-R1's camera_trajectory_utils.py) or come from
 an independent reference (scipy); no test compares a function with itself.
 """
 import math

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = os.path.join(ROOT, "prompts")
 SPLITS = ["train", "dynamic", "test"]
 
-# Targets (issue 6): sizes, the release's motion mix (release-facts.md §11), tolerances in points of share.
+# Targets: sizes, the motion mix of microsoft/World-R1's dataset/enhanced prompts, tolerances in points of share.
 COUNTS = {"train": (2800, 3200), "dynamic": (450, 550), "test": (250, 350)}
 MOTION_MIX = {1: 0.68, 2: 0.28, 3: 0.04}  # share of lines by number of detected motions ("fixed" counts as one)
 FIXED = {"train": (0.02, 0.05), "test": (0.0, 0.05), "dynamic": (0.05, 0.15)}  # dynamic: about 10 %

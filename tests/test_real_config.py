@@ -14,33 +14,9 @@ import torch
 import grpo
 import reward
 import sample
+from trainrun import records, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = ["--reward=toy", "--eval_every=0", "--save_every=100"]
-
-
-def run(args, out_dir, nproc=1, check=True, wrapper=None):
-    """train.py (under torchrun when nproc > 1, or through a Python `wrapper` that patches something first)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
-    argv = args + [f"--out_dir={out_dir}"]
-    if wrapper:
-        code = wrapper + f"\nimport runpy, sys\nsys.argv = ['train.py'] + {argv!r}\nrunpy.run_path('train.py', " \
-                         "run_name='__main__')\n"
-        cmd = [sys.executable, "-c", code]
-    elif nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-        cmd += argv
-    else:
-        cmd = [sys.executable, "train.py"] + argv
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def records(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 # -----------------------------------------------------------------------------

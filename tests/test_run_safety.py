@@ -6,34 +6,17 @@ resume checks, non-finite rewards and weights, strict-JSON metrics. Each test fa
 import json
 import os
 import runpy
-import subprocess
 import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+from trainrun import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--size=tiny", "--reward=toy", "--eval_every=0"]
-
-
-def run(args, out_dir, check=True, wrapper=None, background=False):
-    argv = args + [f"--out_dir={out_dir}"]
-    if wrapper:
-        code = wrapper + f"\nimport runpy, sys\nsys.argv = ['train.py'] + {argv!r}\nrunpy.run_path('train.py', " \
-                         "run_name='__main__')\n"
-        cmd = [sys.executable, "-c", code]
-    else:
-        cmd = [sys.executable, "train.py"] + argv
-    if background:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def strict_records(out_dir):

@@ -9,29 +9,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainrun import records, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["--reward=toy", "--eval_every=0", "--save_every=100"]  # fast runs that test the RL machinery, not rewards
 TIMING = ("t_rollout", "t_reward", "t_train")
-
-
-def run(args, out_dir, nproc=1, check=True):
-    """Run train.py with --out_dir (under torchrun when nproc > 1); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    else:
-        cmd = [sys.executable, "train.py"]
-    proc = subprocess.run(cmd + args + [f"--out_dir={out_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def records(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def without_timing(rec):
