@@ -217,7 +217,10 @@ def shard_fsdp(model, blocks):
 
 
 def cleanup_dist():
+    """Tear the process group down together: a rank that destroys it while another still has gloo work in flight
+    can abort the other (terminate called without an active exception)."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
