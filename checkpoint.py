@@ -1,5 +1,6 @@
 """
-A training run's folder: who owns it, its checkpoints, and which of them can be trusted.
+A training run's folder: who owns it, its checkpoints (written, read, validated), and which of them can be trusted.
+Imports no project file (torch, safetensors; diffusers and peft to export the LoRA).
 
 train.py writes and resumes from these; evaluate.py reads them. Layout of out_dir:
     .lock                 held (flock) by the run that writes here; holds its pid
@@ -17,7 +18,10 @@ import shutil
 import time
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 CKPT = re.compile(r"ckpt_(\d{6,})")  # exactly the names train.py writes (ckpt_%06d); nothing else is ours
 
@@ -158,13 +162,18 @@ def problem(folder):
     return ""
 
 
+def read_latest(out_dir):
+    """The checkpoint folder out_dir's `latest` file names, or None when there is no such file."""
+    if not os.path.isfile(os.path.join(out_dir, "latest")):
+        return None
+    with open(os.path.join(out_dir, "latest")) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
 def find_resumable(out_dir):
     """(folder, state) of the newest checkpoint that passes `problem`, starting from `latest`; a corrupt one is
     skipped with a warning. Stops with one line if none is sound."""
-    named = None
-    if os.path.isfile(os.path.join(out_dir, "latest")):
-        with open(os.path.join(out_dir, "latest")) as f:
-            named = os.path.join(out_dir, f.read().strip())
+    named = read_latest(out_dir)
     candidates = [path for _, path in reversed(our_checkpoints(out_dir))]
     if named in candidates:  # latest first, then the older ones
         candidates.remove(named)
@@ -179,3 +188,126 @@ def find_resumable(out_dir):
         print(f"warning: checkpoint {folder} cannot be resumed from ({why}); trying the previous one", flush=True)
     raise SystemExit(f"error: no checkpoint in {out_dir} can be resumed from (see the warnings above); "
                      "start a fresh run in another --out_dir")
+
+
+# -----------------------------------------------------------------------------
+# Writing and reading a checkpoint (train.py). Every rank calls these together: they hold barriers, and under FSDP
+# every rank writes and reads its own shards; otherwise rank 0 writes the weights and each rank its RNG state.
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _full(t):
+    """A tensor whole on every rank: an FSDP shard (DTensor) is gathered, a plain tensor is itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def all_finite(tensors, device):
+    """Collective: every rank's tensors are finite (FSDP shards differ per rank, so the ranks must agree)."""
+    ok = torch.tensor([float(all(bool(torch.isfinite(_full(t)).all()) for t in tensors))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora, keep_last, device):
+    """Write checkpoint `step` of out_dir: to ckpt_N.tmp, renamed when complete, then made `latest`, and the oldest
+    rotated out. state: what state.json holds besides the step (ema_updates, world, config). policy: the unwrapped
+    transformer; trainable, ema: {name: tensor} (FSDP: shards); lora: also export the EMA LoRA (export_lora).
+    Non-finite weights or EMA stop the run instead: a NaN checkpoint must never become `latest`."""
+    if not all_finite(list(trainable.values()) + list(ema.values()), device):
+        raise SystemExit(f"error: the trained weights or their EMA hold non-finite values at step {step}; not saved. "
+                         f"The last checkpoint in {out_dir} is intact: lower --lr and --resume")
+    master = _rank() == 0
+    final = os.path.join(out_dir, folder_name(step))
+    tmp = final + ".tmp"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    weights = {n: prm.detach() for n, prm in trainable.items()}
+    optim_state = get_optimizer_state_dict(policy, optimizer)
+    if fsdp:  # every rank writes its shards
+        import torch.distributed.checkpoint as dcp
+        dcp.save({"model": weights, "ema": ema, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+    elif master:
+        save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
+        save_file(ema, os.path.join(tmp, "ema.safetensors"))
+        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda"
+                else []}, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    if lora:
+        export_lora(os.path.join(tmp, "lora"), policy, ema)
+    if master:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(step=step, **state), f, indent=1)
+    _barrier()
+    if master:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_latest(out_dir, final)
+        rotate(out_dir, keep_last, final)
+    _barrier()
+
+
+def export_lora(folder, policy, ema):
+    """The EMA LoRA in the diffusers/peft format (sample.py --lora, diffusers' load_lora_weights), written by rank 0;
+    every rank takes part (FSDP gathers the shards)."""
+    from diffusers import WanPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    full = {n: _full(t).cpu() for n, t in ema.items()}
+    if _rank() == 0:
+        WanPipeline.save_lora_weights(folder,
+                                      transformer_lora_layers=get_peft_model_state_dict(policy, state_dict=full),
+                                      transformer_lora_adapter_metadata=policy.peft_config["default"].to_dict())
+
+
+def load(folder, policy, trainable, ema, optimizer, *, fsdp, device, optimizer_settings):
+    """Restore a checkpoint in place: the trained weights, their EMA, the optimizer (its `optimizer_settings`, e.g.
+    lr, replaced by this run's) and this rank's RNG state. Returns its state.json."""
+    state = read_state(folder)
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        blob = {"model": {n: prm.detach() for n, prm in trainable.items()}, "ema": ema,
+                "optim": get_optimizer_state_dict(policy, optimizer)}
+        dcp.load(blob, checkpoint_id=os.path.join(folder, "dcp"))  # in place, into the shards
+        optim_state = blob["optim"]
+    else:
+        weights = load_file(os.path.join(folder, "trainable.safetensors"))
+        saved_ema = load_file(os.path.join(folder, "ema.safetensors"))
+        if weights.keys() != trainable.keys():
+            raise SystemExit(f"error: {folder} holds weights for another model ({len(weights)} tensors, this model "
+                             f"trains {len(trainable)}); start a fresh run in another --out_dir")
+        with torch.no_grad():
+            for n, prm in trainable.items():
+                prm.copy_(weights[n])
+                ema[n].copy_(saved_ema[n])
+        optim_state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location=device)
+    set_optimizer_state_dict(policy, optimizer, optim_state)
+    for group in optimizer.param_groups:  # the flags of this run, not the checkpoint's
+        group.update(optimizer_settings)
+    rng_file = os.path.join(folder, f"rng_rank{_rank()}.pt")
+    if os.path.exists(rng_file):  # absent when resuming on more ranks; all our draws derive from seed and step
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def drop_metrics_after(out_dir, step):
+    """Keep metrics.jsonl's lines up to `step`: a resumed run redoes the later steps and logs them again."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(metrics + ".tmp", metrics)

@@ -1,6 +1,6 @@
 """
-The few things every script needs: the CPU torchvision fix, flag parsing and input checks that fail in one line,
-torchrun set-up, and rank-0 printing.
+The few things every script needs: the CPU torchvision fix, one-line errors for flags and inputs, torchrun set-up.
+Imports no project file (torch only); every other script imports it first.
 
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
 """
@@ -103,14 +103,14 @@ def read_lines(path, flag):
     if not os.path.isfile(path):
         fail(f"{flag}={path} does not exist; pass a text file with one prompt per line")
     with open(path, "rb") as f:
-        raw = f.read()
-    for number, line in enumerate(raw.split(b"\n"), 1):
+        data = f.read()
+    for number, line in enumerate(data.split(b"\n"), 1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
             fail(f"{flag}={path} line {number} is not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1}); "
                  "save the file as UTF-8")
-    lines = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
     if not lines:
         fail(f"{flag}={path} has no lines; write one prompt per line")
     return lines

@@ -1,5 +1,6 @@
 """
 Evaluate Wan2.1 before and after World-R1 training: 3D consistency, camera control and quality, as tables and plots.
+Imports common, models, sample, reward, noise_warp and checkpoint (to find a run's latest checkpoint).
 
     python evaluate.py --size=tiny                                        # tiny random model on CPU, base only
     python evaluate.py --size=tiny --ckpt out --curves out                # base vs out's latest checkpoint
@@ -47,22 +48,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
+import models
 import noise_warp
 import reward
 import sample
 
-# Evaluation presets, on top of sample.SIZES (model, video size, sampling steps, text length).
-SIZES = {
-    "tiny": dict(limit=6, dino=None, dino_px=32, raft="small", flow_iters=4),
-    "small": dict(limit=None, dino="facebook/dino-vitb16", dino_px=224, raft="large", flow_iters=20),
-    "large": dict(limit=None, dino="facebook/dino-vitb16", dino_px=224, raft="large", flow_iters=20),
-}
+LIMIT = {"tiny": 6}  # prompts evaluated by default per --size (tiny: a CPU run); the other sizes take them all
 FPS = 16  # Wan2.1 makes 16 fps video; VBench's dynamic degree samples frames at ~8 fps
 # Settings a checkpoint's state.json fixes for the evaluation (an explicit flag still wins).
 FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "negative_prompt", "warp_mode",
-             "warp_strength", "reward_size")
-# Reward settings: train.py's defaults, replaced by the checkpoint's own where it has them.
-REWARD_DEFAULTS = dict(w_3d=1.0, w_gen=1.0, gen_frames=4, gen_scale=0.1, meta_angle=15.0, traj_rot_scale=10.0)
+             "warp_strength")
 
 # Per-video metrics: key -> (table header with the better direction, number format). Order = column order; the
 # novel-view PSNR comes first, the headline 3D number.
@@ -89,7 +85,7 @@ PAPER = [("Wan2.1-T2V-1.3B", 17.40, 0.550, 0.467, 96.34), ("World-R1-Small", 27.
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate Wan2.1, base vs a World-R1 checkpoint.")
-    p.add_argument("--size", choices=list(SIZES), default=None, help="preset: tiny (CPU), small, large "
+    p.add_argument("--size", choices=list(models.SIZES), default=None, help="preset: tiny (CPU), small, large "
                    "(default: the checkpoint's, else tiny)")
     # what to evaluate
     p.add_argument("--ckpt", default=None, help="checkpoint folder (out/ckpt_000100) or run folder (uses 'latest')")
@@ -99,7 +95,7 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None, help="first N prompts only (default: tiny 6, else all)")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, by every model")
     # sampling (defaults: the checkpoint's training config, else the size preset)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: sample.py's, 50 real)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the size's, 50 real)")
     p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc", help="unipc (checkpoint) or euler")
     p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
     p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
@@ -111,8 +107,7 @@ def build_parser():
                    help="camera noise (default init)")
     p.add_argument("--warp_strength", type=float, default=None, help="see sample.py --warp_strength")
     # metric models
-    p.add_argument("--reward_size", choices=list(SIZES), default=None, help="reward models (default: --size)")
-    p.add_argument("--dtype", choices=list(sample.DTYPES), default=None,
+    p.add_argument("--dtype", choices=list(models.DTYPES), default=None,
                    help="network weights (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
                    help="Gaussian rasterizer: auto = gsplat on CUDA (checked at start-up), torch elsewhere")
@@ -132,9 +127,7 @@ def resolve_checkpoint(path):
     if not os.path.isdir(path):
         common.fail(f"--ckpt={path} does not exist; pass a checkpoint folder (out/ckpt_000100) or a run folder "
                     "that has a 'latest' file")
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
+    path = checkpoint.read_latest(path) or path
     state_file = os.path.join(path, "state.json")
     if not os.path.isfile(state_file):
         common.fail(f"--ckpt={path} has no state.json (and no 'latest' file); pass a complete checkpoint folder "
@@ -169,66 +162,26 @@ def parse_args(argv):
     if args.size is not None and cfg.get("size") not in (None, args.size):
         common.fail(f"--size={args.size} but the checkpoint was trained at --size={cfg['size']}; drop --size")
     args.size = args.size or cfg.get("size") or "tiny"
-    preset = {**sample.SIZES[args.size], **SIZES[args.size], "guidance": 5.0, "negative_prompt": "",
-              "warp_mode": "init", "reward_size": args.size}
+    preset = {**models.SIZES[args.size], "limit": LIMIT.get(args.size), "guidance": sample.GUIDANCE,
+              "negative_prompt": "", "warp_mode": "init"}
     for key in ("model", "frames", "height", "width", "steps", "text_len", "guidance", "negative_prompt",
-                "warp_mode", "warp_strength", "reward_size", "limit", "dino"):
+                "warp_mode", "warp_strength", "limit", "dino"):
         if getattr(args, key) is None:
             setattr(args, key, cfg[key] if key in FROM_CKPT and cfg.get(key) is not None else preset.get(key))
-    if args.warp_strength is None and args.warp_mode == "stepwise":
-        args.warp_strength = sample.STEPWISE_STRENGTH[args.size]
-    args.reward_kw = {k: cfg.get(k, v) for k, v in REWARD_DEFAULTS.items()}  # as the checkpoint was trained
-    args.dino_px, args.raft, args.flow_iters = (SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
+    args.warp_strength = sample.warp_strength(args.size, args.warp_mode, args.warp_strength)
+    args.reward_kw = {k: cfg.get(k, v) for k, v in reward.DEFAULTS.items()}  # as the checkpoint was trained
+    args.dino_px, args.raft, args.flow_iters = (models.SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
 
     sample.check_video_size(args.frames, args.height, args.width)
     sample.check_model_arg(args.model)
     common.check_numbers(args, positive=("steps", "limit", "text_len"), nonnegative=("grid", "warp_strength"),
                          finite=("guidance",))
     common.check_text(args.negative_prompt, "--negative_prompt")
-    args.prompt_list = sample.read_prompts(args.prompts)[:args.limit]
+    args.prompt_list = common.read_lines(args.prompts, "--prompts")[:args.limit]
     if args.curves is not None and not os.path.isfile(os.path.join(args.curves, "metrics.jsonl")):
         common.fail(f"--curves={args.curves} has no metrics.jsonl; pass train.py's --out_dir")
-    sample.make_writable_dir(args.out)
+    common.check_writable_dir(args.out, "--out")
     return args
-
-
-# -----------------------------------------------------------------------------
-# Metric models: DINO (subject consistency) and RAFT (dynamic degree)
-
-def build_tiny_dino(seed=0):
-    """Random ViT with DINO ViT-B/16's architecture family (2 layers, 32 wide, patch 8): no download."""
-    from transformers import ViTConfig, ViTModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  image_size=32, patch_size=8), add_pooling_layer=False).eval()
-
-
-def load_dino(repo, device):
-    """repo None: tiny random. Else a hub id or folder through transformers: facebook/dino-vitb16 (ViTModel, the
-    DINO ViT-B/16 weights VBench uses) or a DINOv2 checkpoint (Dinov2Model). DINO has no pooler: we read the CLS
-    token of the last (layer-normed) hidden state, which is what DINO's own forward returns."""
-    from transformers import AutoConfig, AutoModel, ViTModel
-    if repo is None:
-        model = build_tiny_dino()
-    elif AutoConfig.from_pretrained(repo).model_type == "vit":
-        model = ViTModel.from_pretrained(repo, add_pooling_layer=False)
-    else:
-        model = AutoModel.from_pretrained(repo)
-    return model.eval().requires_grad_(False).to(device)
-
-
-def load_raft(kind, device, seed=0):
-    """torchvision RAFT: "large" with the C_T_V1 weights (the RAFT authors' raft-things.pth, as VBench), "small"
-    with random weights (tiny runs; seeded so every rank builds the same network)."""
-    from torchvision.models.optical_flow import Raft_Large_Weights, raft_large, raft_small
-    if kind == "large":
-        model = raft_large(weights=Raft_Large_Weights.C_T_V1)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = raft_small(weights=None)
-    return model.eval().requires_grad_(False).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -246,14 +199,14 @@ def image_metrics(pred, target):
 
 
 @torch.no_grad()
-def own_view_metrics(models, lf):
+def own_view_metrics(critics, lf):
     """3D consistency at the video's own cameras: all Gaussians rendered at each frame's estimated camera, compared
     with that frame. lf: reward.Lift (frames (F, 3, h, w) at DA3's resolution). -> {OV_PSNR, OV_SSIM, OV_LPIPS},
     means over frames. The Gaussians were built from these very frames at these cameras (and S_recon, which the
     policy is trained on, is 1 - OV_LPIPS), so a high score says they fit, not that they hold from a new view."""
     pred = reward.own_view_renders(lf).to(lf.frames.dtype)
     psnr, ssim = image_metrics(pred, lf.frames)
-    lp = reward.lpips_distance(models, pred, lf.frames)
+    lp = reward.lpips_distance(critics, pred, lf.frames)
     return dict(OV_PSNR=psnr.mean().item(), OV_SSIM=ssim.mean().item(), OV_LPIPS=lp.mean().item())
 
 
@@ -297,21 +250,21 @@ def odd_cameras(full, even):
 
 
 @torch.no_grad()
-def novel_view_metrics(models, video, full, lift=reward.lift):
+def novel_view_metrics(critics, video, full, lift=reward.lift):
     """3D consistency from held-out views. video (F, 3, H, W), F >= 3; full: its Lift (all frames). The even frames
-    alone are lifted (`lift(models, video[0::2])`, injectable for tests), their Gaussians rendered at the odd
+    alone are lifted (`lift(critics, video[0::2])`, injectable for tests), their Gaussians rendered at the odd
     frames' cameras (`odd_cameras`) and compared with the odd frames at the lift resolution, full.frames[1::2]
     -> {NV_PSNR, NV_SSIM, NV_LPIPS}, means over the F // 2 odd frames. F = 4k + 1, so every odd frame lies between
     two even ones: an interpolated view, as close as the frame rate allows, that no Gaussian was fitted to."""
     if len(video) < 3:
         raise ValueError(f"novel view needs 3 frames or more, got {len(video)}")
-    even = lift(models, video[0::2])
+    even = lift(critics, video[0::2])
     c2w, K = odd_cameras(full, even)
     target = full.frames[1::2]
     rgb, _ = reward.render(even.gaussians, torch.linalg.inv(c2w), K, *target.shape[-2:])  # (n, h, w, 3)
     pred = rgb.clamp(0, 1).permute(0, 3, 1, 2).to(target.dtype)
     psnr, ssim = image_metrics(pred, target)
-    lp = reward.lpips_distance(models, pred, target)
+    lp = reward.lpips_distance(critics, pred, target)
     return dict(NV_PSNR=psnr.mean().item(), NV_SSIM=ssim.mean().item(), NV_LPIPS=lp.mean().item())
 
 
@@ -336,15 +289,10 @@ def camera_metrics(est_c2w, req_c2w):
     camera table (RotErr 1.50 / 1.21) is on this scale."""
     est, req = est_c2w.double(), req_c2w.to(est_c2w.device).double()
     est, req = (normalize_translation(torch.linalg.inv(P[0]) @ P) for P in (est, req))
-    rot = torch.deg2rad(reward.geodesic_deg(est[:, :3, :3], req[:, :3, :3])).sum()
+    rot = torch.deg2rad(noise_warp.geodesic_deg(est[:, :3, :3], req[:, :3, :3])).sum()
     trans = (est[:, :3, 3] - req[:, :3, 3]).norm(dim=-1).sum()
     cammc = (est[:, :3, :4] - req[:, :3, :4]).flatten(1).norm(dim=-1).sum()
     return dict(RotErr=rot.item(), TransErr=trans.item(), CamMC=cammc.item())
-
-
-def to_uint8(video):
-    """[0, 1] floats -> uint8 levels, the frames an mp4 reader hands VBench."""
-    return (video.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 @torch.no_grad()
@@ -354,7 +302,7 @@ def subject_consistency(dino, video, n_px=224):
     L2-normalised CLS feature of frame k;
         S = 100 / (F - 1) * sum_{k>=1} (max(0, <f_k, f_{k-1}>) + max(0, <f_k, f_0>)) / 2."""
     from torchvision.transforms.functional import normalize, resize
-    x = resize(to_uint8(video), n_px, antialias=False).float() / 255
+    x = resize(reward.to_uint8(video), n_px, antialias=False).float() / 255
     x = normalize(x, reward.IMAGENET_MEAN, reward.IMAGENET_STD)
     kw = dict(interpolate_pos_encoding=True) if dino.config.model_type == "vit" else {}  # DINOv2 always interpolates
     f = F.normalize(dino(pixel_values=x.to(dino.device, dino.dtype), **kw).last_hidden_state[:, 0].float(), dim=-1)
@@ -369,7 +317,7 @@ def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
     multiple of 8 as RAFT's InputPadder); per pair s = mean of the largest 5% of |flow|; the video moves when at
     least round(4 n / 16) of its n frames' pairs have s > 6 min(H, W) / 256. RAFT needs sides >= 128 px, so a
     smaller video (tiny) is upsampled first and the threshold is taken at the size RAFT sees."""
-    x = to_uint8(video[::max(1, round(fps / 8))]).float()  # (n, 3, H, W) in 0..255
+    x = reward.to_uint8(video[::max(1, round(fps / 8))]).float()  # (n, 3, H, W) in 0..255
     if min(x.shape[-2:]) < 128:
         x = F.interpolate(x, scale_factor=128 / min(x.shape[-2:]), mode="bilinear", align_corners=False)
     n, (H, W) = len(x), x.shape[-2:]
@@ -387,35 +335,27 @@ def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
     return 100.0 * float((scores > thres).sum() >= count), scores.mean().item()
 
 
-def guarded(reasons, what, fn, *a):
-    """Run one metric group; a failure becomes NaN for its metrics and a reason, never a crashed evaluation."""
-    try:
-        return fn(*a)
-    except Exception as e:  # the per-metric boundary: one broken video must not end a 300-video evaluation
-        reasons.append(f"{what} failed: {type(e).__name__}: {str(e)[:160]}")
-        return {}
-
-
-def evaluate_video(video, prompt, path, models, dino, raft, args):
+def evaluate_video(video, prompt, path, critics, dino, raft, args):
     """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, reason string).
     path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion."""
     row, reasons = dict.fromkeys(KEYS, math.nan), []
-    lf = guarded(reasons, "lift", lambda: {"lf": reward.lift(models, video)}).get("lf")
+    guard = lambda what, fn, *a: reward.guard(reasons, what, fn, *a, failed={})  # noqa: E731  (a failed group: NaN)
+    lf = reward.guard(reasons, "lift", reward.lift, critics, video, failed=None)
     if lf is not None:
-        row.update(guarded(reasons, "novel view", novel_view_metrics, models, video, lf))
-        row.update(guarded(reasons, "own view", own_view_metrics, models, lf))
+        row.update(guard("novel view", novel_view_metrics, critics, video, lf))
+        row.update(guard("own view", own_view_metrics, critics, lf))
         if path is not None:
-            row.update(guarded(reasons, "camera", camera_metrics, lf.c2w, path))
-    row.update(guarded(reasons, "subject consistency", lambda: dict(
-        SubjCons=subject_consistency(dino, video, args.dino_px))))
-    row.update(guarded(reasons, "dynamic degree", lambda: dict(zip(("DynDeg", "Flow"), dynamic_degree(
+            row.update(guard("camera", camera_metrics, lf.c2w, path))
+    row.update(guard("subject consistency", lambda: dict(SubjCons=subject_consistency(dino, video, args.dino_px))))
+    row.update(guard("dynamic degree", lambda: dict(zip(("DynDeg", "Flow"), dynamic_degree(
         raft, video, iters=args.flow_iters)))))
-    r = reward.score(models, video[None], [prompt], [path], **args.reward_kw,  # never raises on a bad video
-                     lifts=[lf] if lf is not None else None)
-    row.update({k: r[k].item() for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}, reward=r["total"].item())
+    scores, why = reward.score(critics, video[None], [prompt], [path], **args.reward_kw,  # a bad video: NaN, a reason
+                               lifts=[lf] if lf is not None else None)
+    row.update({k: scores[k].item() for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")},
+               reward=scores["total"].item())
     gen_scale = args.reward_kw["gen_scale"]  # R_gen = gen_scale * mean HPSv3 mu over the first gen_frames frames
     row["HPSv3"] = row["R_gen"] / gen_scale if gen_scale else math.nan
-    reasons += [r["reasons"][0]] if r["reasons"][0] else []
+    reasons += [why[0]] if why[0] else []
     return row, "; ".join(reasons)
 
 
@@ -516,7 +456,7 @@ def per_prompt_rows(names, tables, prompts, seed):
 def write_json(path, args, names, means, delta, per_motion, rows):
     config = {k: getattr(args, k) for k in ("size", "model", "ckpt", "lora_dir", "prompts", "limit", "seed", "steps",
                                             "sampler", "frames", "height", "width", "text_len", "guidance",
-                                            "negative_prompt", "warp_mode", "warp_strength", "reward_size", "dino",
+                                            "negative_prompt", "warp_mode", "warp_strength", "dino",
                                             "dino_px", "raft", "flow_iters", "reward_kw")}
     config["ckpt_step"] = (args.ckpt_state or {}).get("step")
     out = dict(config=config, models=[dict(name=name, n=len(rows) // len(names), means=means[name]) for name in names],
@@ -646,8 +586,8 @@ def main(argv=None):
 
     for line in sample.camera_warnings(prompts, args.warp_mode):
         sample.warn(line)
-    dtype = sample.resolve_dtype(args.dtype, device)
-    wan = sample.load_wan(args.model, device, dtype)
+    dtype = models.resolve_dtype(args.dtype, device)
+    wan = models.load_wan(args.model, device, dtype)
     if args.lora_dir:  # loaded (and proven to fit) before any sampling; off for the base model's pass
         sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
         wan.transformer.disable_lora()
@@ -656,13 +596,13 @@ def main(argv=None):
     # Both models see the same prompts: encode this rank's once, then free the text encoder (UMT5-XXL: 11 GB)
     embeddings = sample.encode_all(wan, sorted({prompts[i] for i in mine} | {args.negative_prompt}), args.text_len)
     del wan.text_encoder
-    models = reward.load_reward_models(args.reward_size, device, dtype)
+    critics = models.load_reward_models(args.size, device, dtype)
     for turn in (0, 1):  # local rank 0 builds gsplat's CUDA kernels first; the others then load the finished build
         if (local_rank == 0) == (turn == 0):
             print(f"[rank {rank}] " + reward.check_renderer(device, args.renderer), flush=True)
         if dist.is_initialized():
             dist.barrier()
-    dino, raft = load_dino(args.dino, device), load_raft(args.raft, device)
+    dino, raft = models.load_dino(args.dino, device), models.load_raft(args.raft, device)
     names = ["base"] + ([args.label] if args.lora_dir else [])
     n_grid = min(args.grid, len(prompts))
     tables = torch.zeros(len(names), len(prompts), len(KEYS), dtype=torch.float64)  # (M, N, K), own rows filled
@@ -678,9 +618,8 @@ def main(argv=None):
                                     warp_mode=args.warp_mode, warp_strength=args.warp_strength,
                                     embeddings=embeddings)  # (F, 3, H, W)
             t1 = time.time()
-            motions = noise_warp.parse_camera(prompts[i])
-            path = noise_warp.camera_path(motions, args.frames) if motions else None  # the request, from the words
-            row, why = evaluate_video(video, prompts[i], path, models, dino, raft, args)
+            path = noise_warp.requested_path(noise_warp.parse_camera(prompts[i]), args.frames)
+            row, why = evaluate_video(video, prompts[i], path, critics, dino, raft, args)
             tables[m, i] = torch.tensor([row[k] for k in KEYS], dtype=torch.float64)
             if i < n_grid:
                 thumbs[m, i] = grid_frames(video.cpu())

@@ -1,5 +1,6 @@
 """
 Flow-GRPO math as pure functions: the SDE step with its log-prob, group advantages, the clipped surrogate, the KL.
+Imports torch only.
 
 The policy is the denoiser run as a stochastic sampler: one "action" is one SDE step x_t -> x_{t-dt}, a Gaussian
 whose mean the velocity sets (Flow-GRPO, Liu et al. 2025, §4.2). How we depart from vanilla GRPO (DeepSeekMath):
@@ -77,14 +78,14 @@ def group_advantages(rewards, group_ids, adv_clip=5.0, eps=1e-4):
     the last bit, which eps would blow up to a spurious ±1e-12..1e-4 advantage).
     """
     rewards = rewards.float()
-    _, g = torch.unique(group_ids, return_inverse=True)
-    n = torch.zeros(int(g.max()) + 1, device=rewards.device).index_add_(0, g, torch.ones_like(rewards))
-    mean = torch.zeros_like(n).index_add_(0, g, rewards) / n
-    var = torch.zeros_like(n).index_add_(0, g, (rewards - mean[g]) ** 2) / n
-    adv = (rewards - mean[g]) / (var.sqrt()[g] + eps)
-    hi = torch.full_like(n, -math.inf).scatter_reduce_(0, g, rewards, "amax")
-    lo = torch.full_like(n, math.inf).scatter_reduce_(0, g, rewards, "amin")
-    adv = torch.where((hi > lo)[g], adv, torch.zeros_like(adv))
+    _, group = torch.unique(group_ids, return_inverse=True)
+    n = torch.zeros(int(group.max()) + 1, device=rewards.device).index_add_(0, group, torch.ones_like(rewards))
+    mean = torch.zeros_like(n).index_add_(0, group, rewards) / n
+    var = torch.zeros_like(n).index_add_(0, group, (rewards - mean[group]) ** 2) / n
+    adv = (rewards - mean[group]) / (var.sqrt()[group] + eps)
+    hi = torch.full_like(n, -math.inf).scatter_reduce_(0, group, rewards, "amax")
+    lo = torch.full_like(n, math.inf).scatter_reduce_(0, group, rewards, "amin")
+    adv = torch.where((hi > lo)[group], adv, torch.zeros_like(adv))
     return adv.clamp(-adv_clip, adv_clip)
 
 
@@ -96,8 +97,8 @@ def fill_bad(rewards, bad, group_ids, margin_floor=1e-3):
     group_ids (N,). Returns (N,) float32."""
     rewards = torch.where(bad, torch.zeros_like(rewards), rewards.float())
     out = rewards.clone()
-    for g in torch.unique(group_ids):
-        real, worse = (group_ids == g) & ~bad, (group_ids == g) & bad
+    for gid in torch.unique(group_ids):
+        real, worse = (group_ids == gid) & ~bad, (group_ids == gid) & bad
         if real.any() and worse.any():
             r = rewards[real]
             margin = max(float(r.std(unbiased=False)), margin_floor)

@@ -1,5 +1,6 @@
 """
 Camera words -> camera path -> optical flow -> warped Gaussian noise, the way World-R1 steers Wan2.1.
+Imports torch and einops (and common for its command line only).
 
 A prompt such as "Camera orbit left, then push in." names camera motions. We turn them into a camera path
 (4x4 camera-to-world poses, OpenCV axes: x right, y down, z forward), project a fronto-parallel plane through
@@ -55,6 +56,8 @@ MOTIONS = tuple(MOTION_TABLE)
 _PHRASE = re.compile(r"(?<![a-z])(" + "|".join(m.replace("_", " ") for m in MOTIONS) + r")(?![a-z])")
 TIME_STRIDE = 4  # Wan's VAE keeps video frames 0, 4, 8, ... as latent frames
 GOLDEN = (math.sqrt(5) - 1) / 2  # per-frame rounding dither frac(k GOLDEN): evenly spread for every k
+WARP_SCALE = 16  # the noise is transported on a grid this many times finer than the latent (the release's)
+DEGRADATION = 0.35  # share of fresh noise mixed into the warped noise (the release's)
 
 
 def parse_camera(prompt):
@@ -149,12 +152,24 @@ def camera_path(motions, num_frames):
     return resample_path(torch.cat(segments), num_frames)
 
 
+def requested_path(motions, num_frames):
+    """The camera path a prompt's motions request, (num_frames, 4, 4); None when it names none (the reward then
+    has no path to compare with, and S_traj is 0)."""
+    return camera_path(motions, num_frames) if motions else None
+
+
+def geodesic_deg(R1, R2):
+    """Rotation angle of R1^T R2 in degrees, (..., 3, 3) -> (...); atan2 form, accurate near 0 and 180."""
+    M = R1.transpose(-1, -2) @ R2
+    cos = (M.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    sin = torch.stack([M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1)
+    return torch.rad2deg(torch.atan2(sin.norm(dim=-1) / 2, cos))
+
+
 def path_stats(path):
     """(length, degrees) travelled along a path (F, 4, 4): sums of per-step distances and geodesic rotation angles."""
     step = path[1:, :3, 3] - path[:-1, :3, 3]
-    R = path[:-1, :3, :3].transpose(-1, -2) @ path[1:, :3, :3]
-    cos = ((R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    return step.norm(dim=-1).sum().item(), torch.rad2deg(torch.arccos(cos)).sum().item()
+    return step.norm(dim=-1).sum().item(), geodesic_deg(path[:-1, :3, :3], path[1:, :3, :3]).sum().item()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,15 +250,15 @@ def transport(noise, weight, flow, generator, phase=0.5):
     fix = (arrivals > 1) | (((arrivals == 1) | copy) & (count[inv] > 1)) | fresh
     rows = fix.nonzero().squeeze(1)  # destination pixels to recompute
     srcs = (inb & fix[dst]).nonzero().squeeze(1)  # forward copies that land on them
-    g = torch.cat([srcs, inv[rows]])  # whose value each entry carries
+    origin = torch.cat([srcs, inv[rows]])  # whose value each entry carries
     d = torch.cat([dst[srcs], rows])  # where it lands
     a = torch.cat([w[srcs] * den[dst[srcs]].rsqrt(), (copy | fresh)[rows].float()])  # collision weight
-    member = torch.cat([torch.ones_like(srcs, dtype=torch.bool), copy[rows]]) & (count[g] > 1)
-    z = torch.randn(len(g), C, generator=generator, device=noise.device)
-    gid, ginv = torch.unique(g, return_inverse=True)
+    member = torch.cat([torch.ones_like(srcs, dtype=torch.bool), copy[rows]]) & (count[origin] > 1)
+    z = torch.randn(len(origin), C, generator=generator, device=noise.device)
+    gid, ginv = torch.unique(origin, return_inverse=True)
     zsum = torch.zeros(len(gid), C, device=noise.device).index_add_(0, ginv, z * member[:, None])
-    n = count[g].clamp(min=1)[:, None]
-    val = noise[g] / n.sqrt() + member[:, None] * (z - zsum[ginv] / n)  # regaussianize: group sum stays sqrt(n) x
+    n = count[origin].clamp(min=1)[:, None]
+    val = noise[origin] / n.sqrt() + member[:, None] * (z - zsum[ginv] / n)  # regaussianize: group sum stays sqrt(n) x
     val = torch.where(torch.cat([torch.zeros_like(srcs, dtype=torch.bool), fresh[rows]])[:, None], z, val)
     out.index_fill_(0, rows, 0).index_add_(0, d, val * a[:, None])
 
@@ -260,7 +275,7 @@ def bin_noise(x, scale):
     return reduce(x, "(h a) (w b) ... -> h w ...", "sum", a=scale, b=scale) / scale
 
 
-def warp_path(path, channels, h, w, generator, warp_scale=16, every=TIME_STRIDE, dither=True):
+def warp_path(path, channels, h, w, generator, warp_scale=WARP_SCALE, every=TIME_STRIDE, dither=True):
     """Transport noise along a camera path (F, 4, 4); returns video frames 0, every, 2 every, ... as (C, T, h, w).
 
     The warp grid is (h s, w s) with focal 1.2 w s and the plane at depth 1000 (release section 2); frame k
@@ -286,13 +301,14 @@ def warp_path(path, channels, h, w, generator, warp_scale=16, every=TIME_STRIDE,
     return torch.stack(frames, 1)
 
 
-def degrade(x, generator, amount=0.35):
+def degrade(x, generator, amount=DEGRADATION):
     """(a xi + (1 - a) x) / sqrt(a^2 + (1 - a)^2), xi fresh N(0, 1), a = amount: stays N(0, 1), loosens the warp."""
     xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (amount * xi + (1 - amount) * x) / math.hypot(amount, 1 - amount)
 
 
-def warped_noise(prompt_or_path, latent_shape, generator, *, warp_scale=16, degradation=0.35, device=None, dither=True):
+def warped_noise(prompt_or_path, latent_shape, generator, *, warp_scale=WARP_SCALE, degradation=DEGRADATION,
+                 device=None, dither=True):
     """Camera-warped initial noise (C, T, h, w), float32, ~N(0, 1) per element.
 
     `prompt_or_path`: a prompt, a list of motion ids, or a (F', 4, 4) path (resampled to F = 4 (T-1) + 1).
@@ -385,8 +401,8 @@ if __name__ == "__main__":
     parser.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
     parser.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16")
     parser.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16")
-    parser.add_argument("--warp_scale", type=int, default=16, help="warp grid = latent grid x this")
-    parser.add_argument("--degradation", type=float, default=0.35, help="share of fresh noise in latents, in [0, 1]")
+    parser.add_argument("--warp_scale", type=int, default=WARP_SCALE, help="warp grid = latent grid x this")
+    parser.add_argument("--degradation", type=float, default=DEGRADATION, help="share of fresh noise in latents, in [0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--device", default="cpu", help="torch device for the warp, e.g. cpu or cuda")
     parser.add_argument("--fps", type=int, default=16, help="frames per second of the video")

@@ -1,5 +1,6 @@
 """
 Sample videos from Wan2.1 with our own denoising loop: camera words -> warped noise -> ODE/SDE steps -> VAE -> mp4.
+Imports common, grpo (the SDE step), models (Wan) and noise_warp (camera noise).
 
     python sample.py --prompt "Camera orbit left. A stone lighthouse on a cliff." --out out.mp4   # tiny model, CPU
     python sample.py --size=small --prompt "..." --out out.mp4     # Wan2.1-T2V-1.3B from the hub (GPU)
@@ -18,140 +19,17 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 
 import imageio
 import torch
 from tqdm import tqdm
 
 import grpo
+import models
 import noise_warp
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py exports and diffusers' load_lora_weights reads
-HUB = {"small": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "large": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
-
-# Size presets (docs/DESIGN.md "Sizes"). Any flag given on the command line wins over its preset.
-SIZES = {
-    "tiny": dict(model=None, frames=9, height=64, width=64, steps=20, text_len=64),
-    "small": dict(model=HUB["small"], frames=81, height=480, width=832, steps=50, text_len=512),
-    "large": dict(model=HUB["large"], frames=81, height=480, width=832, steps=50, text_len=512),
-}
-# λ of the release's stepwise camera guidance, per model size (microsoft/World-R1 config/world_r1.py, wrap_strength).
-STEPWISE_STRENGTH = {"tiny": 0.35, "small": 0.35, "large": 0.4}
-
-
-# -----------------------------------------------------------------------------
-# Models: the four Wan2.1 parts, from the hub, a local diffusers folder, or built tiny in code
-
-@dataclass
-class Wan:
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    transformer: torch.nn.Module
-    vae: torch.nn.Module
-    scheduler: object  # the checkpoint's UniPCMultistepScheduler (flow_shift 3.0 for Wan2.1 T2V at 480p)
-
-
-# Enough whole words that tiny prompts tokenize mostly to words; the rest falls back to characters.
-TINY_WORDS = (
-    "a an the of in on at to from with and then camera push pull in out move left right orbit pan fixed "
-    "city street forest room house car sky water tree river mountain lake sea beach sand rock stone wood glass "
-    "metal light shadow sun moon night morning evening fog rain snow cloud bridge tower building window door "
-    "table chair cup book flower grass field road path wall roof garden temple castle boat ship cliff hill "
-    "valley desert ice fire smoke people crowd dog cat bird horse red blue green yellow white black golden old "
-    "small large tall wide narrow behind front above below between near far foreground background distant "
-    "soft bright dark warm cold wet dry style painting"
-).split()
-
-
-def build_tiny(seed=0):
-    """A Wan2.1-architecture model with random weights, built in code (no download): ~40k-param transformer,
-    ~70k-param VAE, ~23k-param UMT5 and an in-memory T5 tokenizer. Same seed, same weights."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -2.0) for w in TINY_WORDS]
-    vocab += [("\u2581", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)  # transformers 5: tokenizers-backed, no sentencepiece
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    torch.manual_seed(seed + 2)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    # The scheduler Wan2.1-T2V ships (its scheduler_config.json): UniPC on flow sigmas with shift 3.
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        solver_order=2, solver_type="bh2", predict_x0=True,
-                                        lower_order_final=True, final_sigmas_type="zero")
-    return Wan(tokenizer, text_encoder, transformer, vae, scheduler)
-
-
-def save_pretrained(wan, folder):
-    """Write a diffusers folder (model_index.json + one subfolder per part) that `load_wan(folder)` and
-    diffusers' WanPipeline.from_pretrained both read: how tests exercise the real loading path."""
-    from diffusers import WanPipeline
-
-    WanPipeline(tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae, transformer=wan.transformer,
-                scheduler=wan.scheduler).save_pretrained(folder)
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def resolve_dtype(name, device):
-    """--dtype -> torch dtype: bf16 or fp32 as asked; None picks bf16 on CUDA (what the real runs use) and fp32 on a
-    CPU (where bf16 matmuls are slow). Only the networks' weights follow it: SDE math, log-probs, noise, the VAE
-    and the optimizer state stay fp32."""
-    if name is None:
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def load_wan(model, device, dtype=None):
-    """model: None (tiny, built in code), a hub id (Wan-AI/...), or a local diffusers folder.
-    The transformer and text encoder hold `dtype` weights (default: resolve_dtype(None, device)), except the
-    modules diffusers keeps in fp32 (time embedding, norms, scale-shift tables); the VAE stays fp32."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    dtype = dtype or resolve_dtype(None, device)
-    if model is not None:
-        kw = dict(torch_dtype=dtype)
-        wan = Wan(AutoTokenizer.from_pretrained(model, subfolder="tokenizer"),
-                  UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", **kw).eval(),
-                  WanTransformer3DModel.from_pretrained(model, subfolder="transformer", **kw).eval(),
-                  AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval(),
-                  UniPCMultistepScheduler.from_pretrained(model, subfolder="scheduler"))
-    else:  # built in fp32: cast as from_pretrained(torch_dtype=dtype) would
-        wan = build_tiny()
-        wan.text_encoder.to(dtype)
-        keep_in_fp32(wan.transformer, dtype)
-    for m in (wan.text_encoder, wan.transformer, wan.vae):
-        m.to(device).requires_grad_(False)
-    return wan
-
-
-def keep_in_fp32(transformer, dtype):
-    """Cast a Wan transformer to `dtype` except the modules diffusers keeps in fp32 (`_keep_in_fp32_modules`)."""
-    keep = transformer._keep_in_fp32_modules
-    for name, p in transformer.named_parameters():
-        if not any(k in name.split(".") for k in keep):
-            p.data = p.data.to(dtype)
-    return transformer
-
-
-def compute_dtype(transformer):
-    """The dtype the transformer's inputs must have: its patch embedding's. Not "the first parameter": diffusers keeps
-    `scale_shift_table`, the time embedder and the norms in fp32 even when the model runs in bf16."""
-    return getattr(transformer, "module", transformer).patch_embedding.weight.dtype
-
+GUIDANCE = 5.0  # classifier-free guidance of Wan2.1's pipeline and of the release's rollouts
 
 # -----------------------------------------------------------------------------
 # Prompts -> UMT5 embeddings
@@ -199,8 +77,8 @@ def latent_shape(frames, height, width):
     return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
 
 
-def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None, warp_scale=16, degradation=0.35,
-                 device=None):
+def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None, warp_scale=noise_warp.WARP_SCALE,
+                 degradation=noise_warp.DEGRADATION, device=None):
     """Initial latent (1, 16, T, h, w) and the per-step injection for the prompt's camera words.
 
     warp_mode "init" (the paper): x0 = blend(base, warped, λ), λ = warp_strength (default 1: the warped noise,
@@ -220,7 +98,7 @@ def camera_noise(prompt, shape, generator, warp_mode="init", warp_strength=None,
         return noise_warp.blend(base, warped, 1.0 if warp_strength is None else warp_strength), None, motions
     delta = noise_warp.lowpass_delta(warped, base)
     weights = noise_warp.stepwise_weights(8).tolist()
-    strength = STEPWISE_STRENGTH["small"] if warp_strength is None else warp_strength
+    strength = models.SIZES["small"]["stepwise_strength"] if warp_strength is None else warp_strength
 
     def inject(i, x):
         return noise_warp.inject_stepwise(x, delta, weights[i], strength) if i < len(weights) else x
@@ -244,7 +122,7 @@ def velocity(transformer, x, sigma, cond, uncond, guidance, timestep=None):
     one batch); timestep defaults to 1000·σ (taken in float64, as the pipeline does) and stays fp32 (the time
     embedder is fp32; bf16 would round t = 937.1 to 936). Latents and text go in the transformer's compute dtype.
     Returns fp32 (B, ...)."""
-    dtype = compute_dtype(transformer)
+    dtype = models.compute_dtype(transformer)
     t = torch.as_tensor(1000 * torch.as_tensor(sigma, dtype=torch.float64) if timestep is None else timestep,
                         device=x.device).float().expand(x.shape[0])
     t = torch.cat([t, t])
@@ -263,7 +141,8 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
       - else Euler: x + (σ_{i+1} − σ_i)·v  (the rollout ODE).
     At i == branch_at the batch is repeated group_size times: the group shares the ODE prefix, then branches.
     inject(i, x) -> x runs after step i (the release's stepwise camera guidance).
-    x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D). Returns (x at σ = 0, list of transitions).
+    x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D). Returns (x at σ = 0, the window's transitions stacked: a dict
+    with x, x_next (W, B', 16, T, h, w), log_prob (W, B') and step (W,) the step indices; None without a window).
     """
     if scheduler is not None:  # UniPC keeps state across steps: work on a fresh copy at its own sigmas
         scheduler = copy.deepcopy(scheduler)
@@ -273,16 +152,16 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
         # made after step i (measured: 0.55% of the effect Euler keeps). Off after the injected steps, the predictor
         # starts from the injected sample, as Euler does.
         scheduler.disable_corrector = list(range(getattr(inject, "steps", 0)))
-    transitions = []
+    recorded = []  # (step, x, x_next, log p) of each window step
     for i in tqdm(range(len(sigmas) - 1), desc="denoise", disable=not progress, leave=False):
         if i == branch_at:
-            x, cond, uncond = (x.repeat_interleave(group_size, 0) for x in (x, cond, uncond))
+            x, cond, uncond = (t.repeat_interleave(group_size, 0) for t in (x, cond, uncond))
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if i in window:
             v = velocity(transformer, x, sigma, cond, uncond, guidance)
             x_next, logp, _, _ = grpo.sde_step(x, v, sigma, sigma_next, noise_level, sigma_max=float(sigmas[1]),
                                                generator=generator, schedule=sde_noise)
-            transitions.append(dict(step=i, x=x, x_next=x_next, log_prob=logp))
+            recorded.append((i, x, x_next, logp))
         elif scheduler is not None:
             t = scheduler.timesteps[i]
             v = velocity(transformer, x, sigma, cond, uncond, guidance, timestep=t)
@@ -291,7 +170,11 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
             v = velocity(transformer, x, sigma, cond, uncond, guidance)
             x_next = x + (sigma_next - sigma) * v
         x = inject(i, x_next) if inject is not None else x_next
-    return x, transitions
+    if not recorded:
+        return x, None
+    steps, xs, x_nexts, logps = zip(*recorded)
+    return x, dict(step=torch.tensor(steps), x=torch.stack(xs), x_next=torch.stack(x_nexts),
+                   log_prob=torch.stack(logps))
 
 
 def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, window_start, window_size=2,
@@ -299,12 +182,12 @@ def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, w
     """Flow-GRPO-Fast rollout of one prompt's group: one Euler ODE prefix to `window_start`, then group_size
     branches through `window_size` SDE steps, each finished by ODE. All branches run as one batch.
     cond, uncond: (1, L, D); noise: (1, 16, T, h, w). Returns final latents (G, 16, T, h, w) and the window's
-    transitions, one dict per step with x, x_next (G, ...) and log_prob (G,)."""
+    transitions stacked: x, x_next (window_size, G, 16, T, h, w), log_prob (window_size, G), step (window_size,)."""
     window = range(window_start, window_start + window_size)
     assert window_start >= 0 and window.stop <= len(sigmas) - 1, f"window {window} outside {len(sigmas) - 1} steps"
     return denoise(transformer, noise, cond, uncond, sigmas, guidance, window=window, noise_level=noise_level,
-                   sde_noise=sde_noise, branch_at=window_start, group_size=group_size, generator=generator, inject=inject,
-                   progress=progress)
+                   sde_noise=sde_noise, branch_at=window_start, group_size=group_size, generator=generator,
+                   inject=inject, progress=progress)
 
 
 def step_log_prob(transformer, x, x_next, sigma, sigma_next, cond, uncond, guidance, *, noise_level, sigma_max,
@@ -331,9 +214,9 @@ def decode(vae, latents):
     return torch.cat(videos)
 
 
-def generate(wan, prompt, seed, *, frames, height, width, steps, guidance=5.0, sampler="unipc", text_len=512,
-             negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=16, degradation=0.35,
-             progress=False, embeddings=None):
+def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guidance=GUIDANCE, sampler="unipc",
+             negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=noise_warp.WARP_SCALE,
+             degradation=noise_warp.DEGRADATION, progress=False, embeddings=None):
     """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed (all draws from one generator).
     embeddings: {prompt: states} from encode_all (holding `prompt` and `negative_prompt`), so a caller that encoded
     its prompts up front can free the text encoder; else the prompt is encoded here."""
@@ -475,11 +358,6 @@ def warn(line):
 # -----------------------------------------------------------------------------
 # Command line
 
-def read_prompts(path, flag="--prompts"):
-    """One prompt per line, UTF-8; blank lines skipped. Errors name the file, the line and what to do."""
-    return common.read_lines(path, flag)
-
-
 def check_video_size(frames, height, width):
     """Wan2.1's VAE compresses time 4x (plus the first frame) and space 8x; the transformer patches 2x2."""
     if frames < 1 or (frames - 1) % 4:
@@ -489,14 +367,12 @@ def check_video_size(frames, height, width):
             common.fail(f"--{name}={v} must be a positive multiple of 16 (e.g. 480, 832)")
 
 
-def make_writable_dir(folder, flag="--out"):
-    """Create `folder` if needed and prove a file can be written there; one clear line if not."""
-    return common.check_writable_dir(folder, flag)
-
-
-def parse_size_args(parser, argv, sizes):
-    """Parse with the --size preset as defaults (explicit flags win); one-line errors (common.parse_flags)."""
-    return common.parse_flags(parser, argv, sizes)
+def warp_strength(size, warp_mode, strength):
+    """--warp_strength as given; unset in stepwise mode, the size's λ (models.SIZES stepwise_strength); unset in
+    init mode, None (camera_noise then takes the warped noise whole)."""
+    if strength is None and warp_mode == "stepwise":
+        return models.SIZES[size]["stepwise_strength"]
+    return strength
 
 
 def check_model_arg(model):
@@ -508,7 +384,7 @@ def check_model_arg(model):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate videos with Wan2.1 and camera-warped noise.")
-    p.add_argument("--size", choices=list(SIZES), default="tiny", help="preset: tiny (random, CPU), small, large")
+    p.add_argument("--size", choices=list(models.SIZES), default="tiny", help="preset: tiny (random, CPU), small, large")
     p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's model)")
     p.add_argument("--lora", default=None, help="LoRA folder exported by train.py (peft/diffusers format)")
     p.add_argument("--prompt", default=None, help="text prompt; camera words like 'Camera orbit left.' steer it")
@@ -521,17 +397,18 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
     p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
     p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc", help="unipc (checkpoint) or euler ODE")
     p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init",
                    help="camera noise: init (warp the initial noise, paper), stepwise (release), none")
     p.add_argument("--warp_strength", type=float, default=None,
                    help="init: blend weight of the warped noise (default 1); stepwise: λ (default per size)")
-    p.add_argument("--warp_scale", type=int, default=16, help="noise warp grid = latent grid x this")
-    p.add_argument("--degradation", type=float, default=0.35, help="fresh-noise share mixed into warped noise")
+    p.add_argument("--warp_scale", type=int, default=noise_warp.WARP_SCALE, help="noise warp grid = latent grid x this")
+    p.add_argument("--degradation", type=float, default=noise_warp.DEGRADATION,
+                   help="fresh-noise share mixed into warped noise")
     p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt (default: the size's)")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
-    args = parse_size_args(p, argv, SIZES)
+    args = common.parse_flags(p, argv, models.SIZES)
 
     # Validate everything before any model loads.
     check_video_size(args.frames, args.height, args.width)
@@ -548,22 +425,21 @@ def main(argv=None):
         args.out = args.out or "out.mp4"
         prompts, outs = [args.prompt.strip()], [common.check_writable_file(args.out, "--out", [".mp4"])]
     else:
-        prompts, args.out = read_prompts(args.prompts), args.out or "videos"
+        prompts, args.out = common.read_lines(args.prompts, "--prompts"), args.out or "videos"
         if args.out.lower().endswith(".mp4"):
             common.fail(f"--out={args.out} names a file, but --prompts writes one video per line: pass a folder")
-        make_writable_dir(args.out)
+        common.check_writable_dir(args.out, "--out")
         outs = [os.path.join(args.out, f"{i:04d}.mp4") for i in range(len(prompts))]
     if args.lora is not None:
         check_lora_file(args.lora)
     check_model_arg(args.model)
-    if args.warp_strength is None and args.warp_mode == "stepwise":
-        args.warp_strength = STEPWISE_STRENGTH[args.size]
+    args.warp_strength = warp_strength(args.size, args.warp_mode, args.warp_strength)
     for line in camera_warnings(prompts, args.warp_mode):
         warn(line)
 
     _, _, _, device = common.setup_dist()
     t0 = time.time()
-    wan = load_wan(args.model, device)
+    wan = models.load_wan(args.model, device)
     if args.lora is not None:
         load_lora(wan.transformer, args.lora)
     if line := length_warning(wan.tokenizer, prompts, args.text_len):

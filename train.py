@@ -1,5 +1,6 @@
 """
 World-R1: reinforcement learning that makes Wan2.1 produce 3D-consistent video (Flow-GRPO-Fast + 3D rewards).
+Imports common, models, sample, reward, grpo, noise_warp and checkpoint; nothing imports it.
 
     python train.py --size=tiny                                          # CPU demo: random tiny models, ~30 s
     torchrun --standalone --nproc_per_node=8 train.py --size=small       # Wan2.1-T2V-1.3B, LoRA, DDP, H200s
@@ -25,7 +26,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -33,43 +33,39 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm import tqdm
 
 import checkpoint
 import grpo
+import models
 import noise_warp
 import reward
 import sample
 
 # -----------------------------------------------------------------------------
-# Config: a --size preset sets the defaults, any --key=value overrides it
+# Config: a --size preset sets the defaults (models.SIZES: networks, video, rollout steps; TRAIN: the training
+# hyperparameters), any --key=value overrides it
 
-SIZES = {
-    "tiny": dict(model=None, frames=9, height=64, width=64, steps=10, text_len=64, group_size=4,
-                 prompts_per_rank=2, micro_batch=8, lr=1e-2, lora_rank=8, lora_alpha=16, fsdp=False,
-                 eval_every=3, save_every=1, max_steps=3, reward_size="tiny", grad_checkpointing=False),
-    "small": dict(model=sample.HUB["small"], frames=81, height=480, width=832, steps=20, text_len=512,
-                  group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64,
-                  fsdp=False, eval_every=30, save_every=60, max_steps=3000, reward_size="small",
-                  grad_checkpointing=True),
-    "large": dict(model=sample.HUB["large"], frames=81, height=480, width=832, steps=20, text_len=512,
-                  group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64,
-                  fsdp=True, eval_every=30, save_every=60, max_steps=3000, reward_size="large",
-                  grad_checkpointing=True),
+TRAIN = {
+    "tiny": dict(group_size=4, prompts_per_rank=2, micro_batch=8, lr=1e-2, lora_rank=8, lora_alpha=16, fsdp=False,
+                 eval_every=3, save_every=1, max_steps=3, grad_checkpointing=False),
+    "small": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=False,
+                  eval_every=30, save_every=60, max_steps=3000, grad_checkpointing=True),
+    "large": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=True,
+                  eval_every=30, save_every=60, max_steps=3000, grad_checkpointing=True),
 }
+PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **TRAIN[size]} for size in TRAIN}
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             allow_abbrev=False)
-p.add_argument("--size", choices=list(SIZES), default="tiny", help="preset: tiny (CPU), small (1.3B), large (14B)")
+p.add_argument("--size", choices=list(PRESETS), default="tiny", help="preset: tiny (CPU), small (1.3B), large (14B)")
 # model and video
 p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's)")
 p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
 p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
 p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
 p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
-p.add_argument("--dtype", choices=list(sample.DTYPES), default=None,
+p.add_argument("--dtype", choices=list(models.DTYPES), default=None,
                help="network weights (default: bf16 on CUDA, fp32 on CPU); SDE math, log-probs, optimizer stay fp32")
 p.add_argument("--random_weights", action="store_true",
                help="the size's real architectures with random weights, nothing downloaded (smoke runs, benchmarks)")
@@ -82,7 +78,7 @@ p.add_argument("--sde_noise", choices=grpo.SDE_NOISE, default="sd3",
                help="SDE noise schedule: sd3 (Flow-GRPO paper: a·sqrt(σ/(1−σ))) or wan (Flow-GRPO's Wan trainer: σ)")
 p.add_argument("--group_size", type=int, default=None, help="videos per prompt (G)")
 p.add_argument("--prompts_per_rank", type=int, default=None, help="groups each rank rolls out per step")
-p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance in rollouts and updates")
+p.add_argument("--guidance", type=float, default=sample.GUIDANCE, help="classifier-free guidance in rollouts and updates")
 p.add_argument("--negative_prompt", default="", help="negative prompt (the release uses the empty string)")
 p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init", help="camera noise injection")
 p.add_argument("--warp_strength", type=float, default=None, help="see sample.py --warp_strength")
@@ -106,18 +102,11 @@ p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, de
 p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite updates in a row")
 # rewards
 p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
-p.add_argument("--reward_size", choices=["tiny", "small", "large"], default=None, help="reward models to load")
 p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
                help="Gaussian rasterizer: auto = gsplat on CUDA (built and checked at start-up), torch elsewhere")
-p.add_argument("--lift_res", type=int, default=None,
-               help="Depth Anything 3 input size, longest side (default: 504, tiny 56)")
-p.add_argument("--w_3d", type=float, default=1.0, help="weight of R_3D = S_meta + S_recon + S_traj")
-p.add_argument("--w_gen", type=float, default=1.0, help="weight of R_gen (HPSv3)")
-p.add_argument("--gen_frames", type=int, default=4, help="HPSv3 averages the first K frames")
-p.add_argument("--gen_scale", type=float, default=0.1, help="HPSv3 mu is multiplied by this")
-p.add_argument("--meta_angle", type=float, default=15.0, help="meta view orbit angle, degrees")
-p.add_argument("--traj_rot_scale", type=float, default=10.0,
-               help="S_traj: a 'fixed' request is judged as strictly as a pan of this many degrees")
+p.add_argument("--lift_res", type=int, default=None, help="Depth Anything 3 input size, longest side")
+for name, (default, what) in reward.SETTINGS.items():
+    p.add_argument(f"--{name}", type=type(default), default=default, help=what)
 p.add_argument("--zero_advantages", action="store_true", help="control run: advantages forced to 0")
 # schedule
 p.add_argument("--max_steps", type=int, default=None, help="RL steps (one rollout batch each)")
@@ -126,7 +115,7 @@ p.add_argument("--dynamic_steps", type=int, default=50, help="steps of each dyna
 p.add_argument("--eval_every", type=int, default=None, help="eval on test prompts every N steps (0: never)")
 p.add_argument("--eval_prompts", type=int, default=2, help="test prompts per eval")
 p.add_argument("--eval_steps", type=int, default=None,
-               help="UniPC steps of the eval, the inference sampler (default: sample.py's, 50 real)")
+               help="UniPC steps of the eval, the inference sampler (default: the size's, 50 real)")
 p.add_argument("--save_every", type=int, default=None, help="checkpoint every N steps (and at the end)")
 p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
 # data, output
@@ -144,7 +133,7 @@ p.add_argument("--wandb_project", default="world-r1-nano", help="wandb project")
 
 def parse_config(argv):
     """Apply the --size preset, parse, validate: every mistake stops here with one line, before any model loads."""
-    args = common.parse_flags(p, argv, SIZES)
+    args = common.parse_flags(p, argv, PRESETS)
     sample.check_video_size(args.frames, args.height, args.width)
     common.check_numbers(args, positive=("steps", "group_size", "prompts_per_rank", "sde_window", "updates_per_epoch",
                                          "micro_batch", "lr", "max_steps", "save_every", "keep_last", "ema_every",
@@ -171,16 +160,15 @@ def parse_config(argv):
     common.check_text(args.negative_prompt, "--negative_prompt")
     if args.wandb and importlib.util.find_spec("wandb") is None:
         common.fail("--wandb needs the wandb package: pip install wandb (then wandb login)")
-    if args.warp_strength is None and args.warp_mode == "stepwise":
-        args.warp_strength = sample.STEPWISE_STRENGTH[args.size]
-    args.eval_steps = args.eval_steps or sample.SIZES[args.size]["steps"]
+    args.warp_strength = sample.warp_strength(args.size, args.warp_mode, args.warp_strength)
+    args.eval_steps = args.eval_steps or models.SIZES[args.size]["steps"]
     return args
 
 
 # Settings a resumed run must share with its checkpoint (the weights, the rollouts or the rewards would not fit), and
 # settings it may change (applied to the restored optimizer where they live there).
 FIXED_ON_RESUME = ("size", "model", "random_weights", "depth", "frames", "height", "width", "text_len", "lora_rank",
-                   "lora_alpha", "full_finetune", "fsdp", "reward", "reward_size", "group_size", "w_3d", "w_gen")
+                   "lora_alpha", "full_finetune", "fsdp", "reward", "group_size", "w_3d", "w_gen")
 OPTIMIZER_ON_RESUME = ("lr", "weight_decay")
 
 
@@ -205,7 +193,7 @@ args = parse_config(sys.argv[1:])
 rank, local_rank, world, device = common.setup_dist()
 master = rank == 0
 print0 = common.print0
-dtype = sample.resolve_dtype(args.dtype, device)
+dtype = models.resolve_dtype(args.dtype, device)
 
 # Prompt files and batch arithmetic, checked before any model loads
 train_prompts = common.read_lines(args.train_prompts, "--train_prompts")
@@ -262,7 +250,8 @@ except OSError:
 stop_together(error and f"rank {rank} sees {error} in --out_dir={args.out_dir}: every rank must write to the same "
                         "folder; put --out_dir on a filesystem all nodes share")
 if saved is not None:
-    for k in (k for k in saved["config"] if k not in FIXED_ON_RESUME and saved["config"][k] != vars(args).get(k)):
+    for k in (k for k in saved["config"] if k in vars(args) and k not in FIXED_ON_RESUME  # a removed flag: ignored
+              and saved["config"][k] != vars(args)[k]):
         print0(f"resume: --{k} changes from {saved['config'][k]} to {vars(args).get(k)}")
 print0(json.dumps(vars(args), indent=1))
 print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} videos = "
@@ -274,33 +263,32 @@ print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} vid
 
 torch.manual_seed(args.seed)
 if args.random_weights:
-    import bench  # the real architectures with random weights live beside the benchmarks that time them
-    wan = bench.random_wan(args.size, device, dtype, depth=args.depth)
+    wan = models.random_wan(args.size, device, dtype, depth=args.depth)
 else:
-    wan = sample.load_wan(args.model, device, dtype)
-raw = wan.transformer  # the unwrapped module; `model` below may wrap it in DDP
+    wan = models.load_wan(args.model, device, dtype)
+policy = wan.transformer  # the unwrapped module; `model` below may wrap it in DDP
 if args.full_finetune:
-    ref_model = copy.deepcopy(raw).requires_grad_(False)  # the KL reference: the pre-trained weights, as loaded
-    raw.requires_grad_(True)
+    ref_model = copy.deepcopy(policy).requires_grad_(False)  # the KL reference: the pre-trained weights, as loaded
+    policy.requires_grad_(True)
 else:
     from peft import LoraConfig
-    raw.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+    policy.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 if args.grad_checkpointing:
-    raw.enable_gradient_checkpointing()
-trainable = {n: prm for n, prm in raw.named_parameters() if prm.requires_grad}
+    policy.enable_gradient_checkpointing()
+trainable = {n: prm for n, prm in policy.named_parameters() if prm.requires_grad}
 for prm in trainable.values():
     prm.data = prm.data.float()  # master weights, updates and optimizer state in fp32, whatever the model's dtype
 # A fully fine-tuned model now holds fp32 weights: it runs under autocast in `dtype`, as the release runs its fp32
 # weights under accelerate's bf16 autocast. LoRA needs none: peft runs the fp32 adapters beside the bf16 base.
 policy_precision = lambda: torch.autocast(device.type, dtype, enabled=args.full_finetune and dtype != torch.float32)
 if args.fsdp:
-    model = common.shard_fsdp(raw, raw.blocks)
-    trainable = {n: prm for n, prm in raw.named_parameters() if prm.requires_grad}  # now DTensor shards
+    model = common.shard_fsdp(policy, policy.blocks)
+    trainable = {n: prm for n, prm in policy.named_parameters() if prm.requires_grad}  # now DTensor shards
 elif world > 1:
-    model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[local_rank] if device.type == "cuda" else None)
+    model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[local_rank] if device.type == "cuda" else None)
 else:
-    model = raw
+    model = policy
 optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
 ema = {n: prm.detach().clone() for n, prm in trainable.items()}
 ema_updates = 0
@@ -328,9 +316,9 @@ uncond = embed([args.negative_prompt])  # (1, L, D), the same every step
 
 if args.reward == "world":
     if args.random_weights:
-        rewards_models = bench.random_reward_models(device, dtype, depth=args.depth, process_res=args.lift_res or 504)
+        critics = models.random_reward_models(device, dtype, depth=args.depth, process_res=args.lift_res)
     else:
-        rewards_models = reward.load_reward_models(args.reward_size, device, dtype, process_res=args.lift_res)
+        critics = models.load_reward_models(args.size, device, dtype, process_res=args.lift_res)
     error = ""
     for turn in (0, 1):  # local rank 0 builds gsplat's CUDA kernels first; the others then load the finished build
         if (local_rank == 0) == (turn == 0):
@@ -350,11 +338,11 @@ def reference_weights():
     if args.full_finetune:
         yield ref_model
     else:
-        raw.disable_adapters()
+        policy.disable_adapters()
         try:
-            yield raw
+            yield policy
         finally:
-            raw.enable_adapters()
+            policy.enable_adapters()
 
 
 @contextlib.contextmanager
@@ -402,102 +390,8 @@ def rollout_generator(step, j):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints (checkpoint.py: layout, validation, rotation): written to <dir>.tmp and renamed when complete
-
-def all_finite(tensors):
-    """Collective: every rank's tensors are finite (FSDP shards differ per rank, so the ranks must agree)."""
-    ok = torch.tensor([float(all(bool(torch.isfinite(t.full_tensor() if hasattr(t, "full_tensor") else t).all())
-                                 for t in tensors))], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def save_checkpoint(step):
-    if not all_finite(list(trainable.values()) + list(ema.values())):  # a NaN checkpoint must never become `latest`
-        raise SystemExit(f"error: the trained weights or their EMA hold non-finite values at step {step}; not saved. "
-                         f"The last checkpoint in {args.out_dir} is intact: lower --lr and --resume")
-    final = os.path.join(args.out_dir, checkpoint.folder_name(step))
-    tmp = final + ".tmp"
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    weights = {n: prm.detach() for n, prm in trainable.items()}
-    optim_state = get_optimizer_state_dict(raw, optimizer)
-    if args.fsdp:  # every rank writes its shards
-        import torch.distributed.checkpoint as dcp
-        dcp.save({"model": weights, "ema": ema, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
-    elif master:
-        save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
-        save_file(ema, os.path.join(tmp, "ema.safetensors"))
-        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda"
-                else []}, os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if not args.full_finetune:  # the EMA LoRA in the diffusers/peft format (sample.py --lora, load_lora_weights)
-        export_lora(os.path.join(tmp, "lora"))
-    if master:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(step=step, ema_updates=ema_updates, world=world, config=vars(args)), f, indent=1)
-    barrier()
-    if master:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        checkpoint.write_latest(args.out_dir, final)
-        checkpoint.rotate(args.out_dir, args.keep_last, final)
-    barrier()
-
-
-def export_lora(folder):
-    from diffusers import WanPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu() for n, t in ema.items()}  # all ranks
-    if master:
-        WanPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(raw, state_dict=full),
-                                      transformer_lora_adapter_metadata=raw.peft_config["default"].to_dict())
-
-
-def load_checkpoint(folder, state):
-    global ema_updates
-    if args.fsdp:
-        import torch.distributed.checkpoint as dcp
-        blob = {"model": {n: prm.detach() for n, prm in trainable.items()}, "ema": ema,
-                "optim": get_optimizer_state_dict(raw, optimizer)}
-        dcp.load(blob, checkpoint_id=os.path.join(folder, "dcp"))  # in place, into the shards
-        optim_state = blob["optim"]
-    else:
-        weights, saved_ema = load_file(os.path.join(folder, "trainable.safetensors")), load_file(
-            os.path.join(folder, "ema.safetensors"))
-        if weights.keys() != trainable.keys():
-            raise SystemExit(f"error: {folder} holds weights for another model ({len(weights)} tensors, this model "
-                             f"trains {len(trainable)}); start a fresh run in another --out_dir")
-        with torch.no_grad():
-            for n, prm in trainable.items():
-                prm.copy_(weights[n])
-                ema[n].copy_(saved_ema[n])
-        optim_state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True, map_location=device)
-    set_optimizer_state_dict(raw, optimizer, optim_state)
-    for group in optimizer.param_groups:  # the flags of this run, not the checkpoint's (say so when they differ)
-        for k in OPTIMIZER_ON_RESUME:
-            group[k] = getattr(args, k)
-    rng_file = os.path.join(folder, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_file):  # absent when resuming on more ranks; all our draws derive from seed and step
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    ema_updates = state["ema_updates"]
-    metrics = os.path.join(args.out_dir, "metrics.jsonl")
-    if master and os.path.exists(metrics):  # drop lines of steps after the checkpoint: they will be redone
-        with open(metrics) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(metrics + ".tmp", metrics)
-    print0(f"resumed from {folder} (step {state['step']})")
-    return state["step"] + 1
-
+# Logging: means over ranks, metrics.jsonl always; wandb on rank 0 when asked (a no-op object otherwise, so the loop
+# never branches)
 
 def all_mean(values):
     """Mean over ranks of a dict of floats (every rank holds the same keys); NaN where any rank has NaN."""
@@ -507,9 +401,6 @@ def all_mean(values):
         t /= world
     return dict(zip(values, t.tolist()))
 
-
-# -----------------------------------------------------------------------------
-# Logging: metrics.jsonl always; wandb on rank 0 when asked (a no-op object otherwise, so the loop never branches)
 
 class NoWandb:
     def log(self, *a, **k):
@@ -544,11 +435,10 @@ def score_videos(videos, prompts, paths, dynamic, latents):
         for i in bad.nonzero()[:, 0].tolist():
             print(f"[reward] video {i} ({prompts[i][:60]!r}): toy reward not finite", flush=True)
         return t, bad, {}, ["toy reward not finite" if b else "" for b in bad]
-    out = reward.score(rewards_models, videos, prompts, paths, dynamic, w_3d=args.w_3d, w_gen=args.w_gen,
-                       gen_frames=args.gen_frames, gen_scale=args.gen_scale, meta_angle=args.meta_angle,
-                       traj_rot_scale=args.traj_rot_scale)
-    parts = {k: out[k] for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}
-    return out["total"], out["bad"], parts, out["reasons"]
+    scores, reasons = reward.score(critics, videos, prompts, paths, dynamic,
+                                   **{k: getattr(args, k) for k in reward.SETTINGS})
+    parts = {k: scores[k] for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}
+    return scores["total"], scores["bad"], parts, reasons
 
 
 @torch.no_grad()
@@ -562,15 +452,15 @@ def run_eval(step):
     with ema_weights(), policy_precision():
         for i in range(rank, world * math.ceil(len(test_prompts) / world), world):
             prompt = test_prompts[min(i, len(test_prompts) - 1)]
-            g = torch.Generator(device).manual_seed(args.seed + i)  # same noise at every eval: curves compare
-            noise, inject, motions = sample.camera_noise(prompt, shape, g, args.warp_mode, args.warp_strength,
+            gen = torch.Generator(device).manual_seed(args.seed + i)  # same noise at every eval: curves compare
+            noise, inject, motions = sample.camera_noise(prompt, shape, gen, args.warp_mode, args.warp_strength,
                                                          device=device)
-            lat, _ = sample.denoise(raw, noise, embed([prompt]), uncond, sample.flow_sigmas(args.eval_steps, wan.scheduler.config.flow_shift),
+            lat, _ = sample.denoise(policy, noise, embed([prompt]), uncond, sample.flow_sigmas(args.eval_steps, wan.scheduler.config.flow_shift),
                                     args.guidance, scheduler=wan.scheduler, inject=inject)
             if i >= len(test_prompts):
                 continue
             video = sample.decode(wan.vae, lat)
-            path = noise_warp.camera_path(motions, args.frames) if motions else None
+            path = noise_warp.requested_path(motions, args.frames)
             t, bad, _, _ = score_videos(video, [prompt], [path], False, lat)
             if not bad.any():
                 total, count = total + t.sum().item(), count + 1
@@ -582,7 +472,14 @@ def run_eval(step):
 # -----------------------------------------------------------------------------
 # The loop
 
-start = load_checkpoint(resume_from, saved) if args.resume else 0
+start = 0
+if args.resume:
+    ema_updates = checkpoint.load(resume_from, policy, trainable, ema, optimizer, fsdp=args.fsdp, device=device,
+                                  optimizer_settings={k: getattr(args, k) for k in OPTIMIZER_ON_RESUME})["ema_updates"]
+    if master:
+        checkpoint.drop_metrics_after(args.out_dir, saved["step"])
+    print0(f"resumed from {resume_from} (step {saved['step']})")
+    start = saved["step"] + 1
 bad_steps = 0
 for step in range(start, args.max_steps):
     t0 = time.time()
@@ -594,19 +491,19 @@ for step in range(start, args.max_steps):
     with policy_precision():
         for j, prompt in enumerate(tqdm(prompts_for(step), desc=f"step {step} rollouts", disable=not master,
                                         leave=False)):
-            g = rollout_generator(step, j)
-            noise, inject, motions = sample.camera_noise(prompt, shape, g, args.warp_mode, args.warp_strength,
+            gen = rollout_generator(step, j)
+            noise, inject, motions = sample.camera_noise(prompt, shape, gen, args.warp_mode, args.warp_strength,
                                                          device=device)
             cond = embed([prompt])
-            window_start = int(torch.randint(0, args.steps // 2 - args.sde_window + 1, (1,), generator=g,
+            window_start = int(torch.randint(0, args.steps // 2 - args.sde_window + 1, (1,), generator=gen,
                                              device=device))
-            latents, transitions = sample.rollout(raw, cond, uncond, noise, sigmas, args.guidance,
+            latents, window = sample.rollout(policy, cond, uncond, noise, sigmas, args.guidance,
                                                   group_size=args.group_size, window_start=window_start,
                                                   window_size=args.sde_window, noise_level=args.noise_level,
-                                                  sde_noise=args.sde_noise, generator=g, inject=inject)
-            batch.append(dict(prompt=prompt, cond=cond, transitions=transitions, latents=latents,
+                                                  sde_noise=args.sde_noise, generator=gen, inject=inject)
+            batch.append(dict(prompt=prompt, cond=cond, window=window, latents=latents,
                               videos=sample.decode(wan.vae, latents),
-                              path=noise_warp.camera_path(motions, args.frames) if motions else None))
+                              path=noise_warp.requested_path(motions, args.frames)))
     t1 = time.time()
 
     # 2. Rewards -> advantages, per group (groups are rank-local). A video that cannot be scored gets a score below
@@ -631,18 +528,16 @@ for step in range(start, args.max_steps):
     adv = torch.zeros_like(filled) if args.zero_advantages else grpo.group_advantages(filled, group_ids, args.adv_clip)
     t2 = time.time()
 
-    # 3. Updates. One flat batch of this rank's window transitions, (groups x window steps x G) of them, each with
-    # its video's advantage; shuffled once and dealt into `updates_per_epoch` optimizer steps of micro-batches. The
-    # first update is exactly on-policy (ratio 1); later ones see weights the earlier ones moved, where the clip acts.
-    steps = [(b, t) for b in batch for t in b["transitions"]]
-    x = torch.cat([t["x"] for _, t in steps])  # (N, 16, T, h, w)
-    x_next = torch.cat([t["x_next"] for _, t in steps])
-    old_logp = torch.cat([t["log_prob"] for _, t in steps])  # (N,)
-    sig = torch.cat([sigmas[t["step"]].repeat(args.group_size) for _, t in steps]).to(device)
-    sig_next = torch.cat([sigmas[t["step"] + 1].repeat(args.group_size) for _, t in steps]).to(device)
-    cond = torch.cat([b["cond"].expand(args.group_size, -1, -1) for b, _ in steps])  # (N, L, D)
-    a = torch.cat([adv[gi * args.group_size:(gi + 1) * args.group_size] for gi, b in enumerate(batch)
-                   for _ in b["transitions"]])
+    # 3. Updates. One flat batch of this rank's window transitions, N = groups x window steps x G of them in that
+    # order, each with its video's advantage; shuffled once and dealt into `updates_per_epoch` optimizer steps of
+    # micro-batches. The first update is exactly on-policy (ratio 1); later ones see weights the earlier ones moved,
+    # where the clip acts.
+    flat = lambda key: torch.cat([b["window"][key].flatten(0, 1) for b in batch])  # noqa: E731  (W, G) -> W·G
+    x, x_next, old_logp = flat("x"), flat("x_next"), flat("log_prob")  # (N, 16, T, h, w) twice, (N,)
+    step_of = torch.cat([b["window"]["step"].repeat_interleave(args.group_size) for b in batch])  # (N,)
+    sig, sig_next = sigmas[step_of].to(device), sigmas[step_of + 1].to(device)
+    cond = torch.cat([b["cond"].expand(args.sde_window * args.group_size, -1, -1) for b in batch])  # (N, L, D)
+    a = adv.view(len(batch), 1, args.group_size).expand(-1, args.sde_window, -1).flatten()  # (N,)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(hash((args.seed, step, rank)) % 2**62))
     model.train()
     stats = []
@@ -707,12 +602,6 @@ for step in range(start, args.max_steps):
     if device.type == "cuda":  # this step's peak device memory (averaged over ranks like the rest)
         record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    if not args.fsdp and world > 1:  # DDP keeps full copies: their checksums must agree on every rank
-        checksum = torch.stack([sum(prm.detach().double().sum() for prm in trainable.values()),
-                                sum(prm.detach().double().square().sum() for prm in trainable.values())])
-        sums = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(sums, checksum)
-        record["param_sync_err"] = max(float((s - sums[0]).abs().max()) for s in sums)
     record = all_mean(record)
     gathered = [([b["prompt"] for b in batch], counts)]
     if dist.is_initialized():
@@ -731,7 +620,9 @@ for step in range(start, args.max_steps):
         print0(f"step {step:5d} eval reward {record['eval_reward']:.4f}")
     log(record)
     if (step + 1) % args.save_every == 0 or step == args.max_steps - 1:
-        save_checkpoint(step)
+        checkpoint.save(args.out_dir, step, dict(ema_updates=ema_updates, world=world, config=vars(args)), policy,
+                        trainable, ema, optimizer, fsdp=args.fsdp, lora=not args.full_finetune,
+                        keep_last=args.keep_last, device=device)
 
 run.finish()
 common.cleanup_dist()

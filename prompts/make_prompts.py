@@ -1,5 +1,6 @@
 """
 Build prompts/train.txt, dynamic.txt and test.txt from the hand-written scenes in prompts/scenes/.
+Imports no project file.
 
 A line is a camera prefix and a scene: "Camera orbit left, then pull out. <scene>". A scene is one hand-written
 base scene (2-3 sentences: what stands in front of what, materials, sizes, distances) plus one light sentence

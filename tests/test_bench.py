@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import bench
+import models
 import sample
 
 
 def test_forward_pass_count_matches_the_rollout():
     """bench.forward_passes (per-sample forwards, CFG = 2) equals what sample.rollout actually runs."""
-    wan = sample.build_tiny(0)
+    wan = models.build_tiny(0)
     seen = []
     real = wan.transformer.forward
     wan.transformer.forward = lambda hidden_states, **kw: (seen.append(hidden_states.shape[0]), real(
@@ -31,7 +32,7 @@ def test_flop_formula_matches_torch_flop_counter():
     the attention matmuls), with a short prompt so the cross-attention the formula leaves out is negligible."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    tr = sample.build_tiny(0).transformer
+    tr = models.build_tiny(0).transformer
     for shape in ((16, 5, 32, 32), (16, 9, 32, 32)):  # 1280 and 2304 tokens: the quadratic term matters
         cond = torch.randn(1, 16, tr.config.text_dim)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
@@ -47,15 +48,15 @@ def count(module):
 def test_real_size_shapes_have_the_published_parameter_counts():
     """Random real-size models on the meta device: Wan2.1 1.3B / 14B, its VAE, UMT5-XXL, DA3-giant, Qwen3-VL-4B,
     HPSv3 (Qwen2-VL-7B + head). Ranges around the model cards' sizes catch a wrong config field."""
-    small = bench.random_wan("small", "meta")
+    small = models.random_wan("small", "meta")
     assert 1.3 < count(small.transformer) < 1.5
     assert 0.1 < count(small.vae) < 0.15
     assert 5.5 < count(small.text_encoder) < 5.9
-    assert 13.5 < count(bench.random_wan("large", "meta").transformer) < 15.0
-    models = bench.random_reward_models("meta")
-    assert 1.1 < count(models.da3) < 1.4  # with the Gaussian head
-    assert 4.3 < count(models.qwen) < 4.6  # 4.44B, input and output embeddings tied
-    assert 7.6 < count(models.hps) < 7.9  # Qwen2-VL-7B's 8.29B less its unused LM head (0.55B)
+    assert 13.5 < count(models.random_wan("large", "meta").transformer) < 15.0
+    critics = models.random_reward_models("meta")
+    assert 1.1 < count(critics.da3) < 1.4  # with the Gaussian head
+    assert 4.3 < count(critics.qwen) < 4.6  # 4.44B, input and output embeddings tied
+    assert 7.6 < count(critics.hps) < 7.9  # Qwen2-VL-7B's 8.29B less its unused LM head (0.55B)
 
 
 def test_tiny_bench_writes_json(tmp_path):

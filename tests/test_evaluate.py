@@ -21,8 +21,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 import evaluate
+import models
 import noise_warp
-import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Camera orbit left. A stone lighthouse on a cliff above the sea.",
@@ -240,7 +240,7 @@ def oracle():
         out.append((rgb.clamp(0, 1).permute(0, 3, 1, 2), depth[..., 0]))
     lp = __import__("lpips").LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)  # random AlexNet
     return SimpleNamespace(video=out[0][0], depth=out[0][1], other=out[1][0], K=K, c2w=c2w,
-                           models=SimpleNamespace(lpips=lp.eval()))
+                           critics=SimpleNamespace(lpips=lp.eval()))
 
 
 def test_novel_view_oracle_and_inconsistent_controls(oracle):
@@ -255,7 +255,7 @@ def test_novel_view_oracle_and_inconsistent_controls(oracle):
     s, R, t = similarity(2.5, (0.3, 1.0, -0.2), math.radians(30), (-1.0, 4.0, 2.0))
     even = reward.lift_from_depth(o.video[0::2], s * o.depth[0::2], o.K[0::2], moved(o.c2w[0::2], s, R, t).float())
 
-    def lift(models, frames):  # the even frames, and only they, reach the lift
+    def lift(critics, frames):  # the even frames, and only they, reach the lift
         assert torch.equal(frames, videos[0::2])
         return even
 
@@ -263,7 +263,7 @@ def test_novel_view_oracle_and_inconsistent_controls(oracle):
         nonlocal videos
         videos = video
         full = reward.lift_from_depth(video, o.depth, K, o.c2w.float())
-        return evaluate.novel_view_metrics(o.models, video, full, lift=lift)
+        return evaluate.novel_view_metrics(o.critics, video, full, lift=lift)
 
     videos = None
     good = nv(o.video, o.K)
@@ -315,7 +315,7 @@ def test_subject_consistency_is_vbench_definition():
 def test_subject_consistency_with_tiny_dino_models(kind):
     from transformers import Dinov2Config, Dinov2Model
     torch.manual_seed(0)
-    dino = evaluate.build_tiny_dino() if kind == "vit" else Dinov2Model(Dinov2Config(
+    dino = models.build_tiny_dino() if kind == "vit" else Dinov2Model(Dinov2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
         patch_size=8)).eval()
     video = torch.rand(5, 3, 48, 80, generator=torch.Generator().manual_seed(0))
@@ -352,7 +352,7 @@ def test_dynamic_degree_threshold_rule():
 
 
 def test_dynamic_degree_runs_tiny_raft_on_a_tiny_video():
-    raft = evaluate.load_raft("small", torch.device("cpu"))
+    raft = models.load_raft("small", torch.device("cpu"))
     still = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).expand(9, -1, -1, -1)
     moving, flow = evaluate.dynamic_degree(raft, still, iters=2)
     assert moving in (0.0, 100.0) and math.isfinite(flow)
@@ -368,7 +368,7 @@ def make_run(folder):
     from diffusers import WanPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    wan = sample.build_tiny()
+    wan = models.build_tiny()
     wan.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(3)
@@ -479,7 +479,7 @@ def test_one_and_two_processes_give_the_same_numbers(one_process, run_dir, promp
 
 @pytest.fixture
 def no_models(monkeypatch):
-    monkeypatch.setattr(sample, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
 
 
 def test_bad_inputs_stop_before_loading(no_models, run_dir, prompt_file, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo
+import models
 import sample
 
 
@@ -152,7 +153,7 @@ def test_kl_zero_at_reference_and_gradient_points_to_it():
 
 @pytest.fixture(scope="module")
 def tiny():
-    wan = sample.load_wan(None, torch.device("cpu"))
+    wan = models.load_wan(None, torch.device("cpu"))
     cond, uncond = sample.encode(wan, ["Camera orbit left. A red house near a river.", ""], 32).chunk(2)
     return wan, cond, uncond
 
@@ -170,15 +171,17 @@ def test_rollout_branches_at_the_window_and_shares_the_prefix(tiny):
     sigmas = sample.flow_sigmas(steps, 3.0)
     noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     calls, handle = _count_calls(wan.transformer)
-    latents, trans = sample.rollout(wan.transformer, cond, uncond, noise, sigmas, 5.0, group_size=G,
-                                    window_start=start, window_size=width, generator=torch.Generator().manual_seed(1))
+    latents, window = sample.rollout(wan.transformer, cond, uncond, noise, sigmas, 5.0, group_size=G,
+                                     window_start=start, window_size=width, generator=torch.Generator().manual_seed(1))
     handle.remove()
     # prefix: one batched cond+uncond call per step at batch 2; after the branch: batch 2G
     assert calls == [2] * start + [2 * G] * (steps - start)
-    assert [t["step"] for t in trans] == [start, start + 1]
-    x0 = trans[0]["x"]
+    assert window["step"].tolist() == [start, start + 1]
+    assert window["x"].shape == window["x_next"].shape == (width, G, 16, 3, 8, 8)
+    assert window["log_prob"].shape == (width, G)
+    x0 = window["x"][0]
     assert all(torch.equal(x0[0], x0[k]) for k in range(G))  # identical before the window
-    x1 = trans[0]["x_next"]
+    x1 = window["x_next"][0]
     assert all(not torch.allclose(x1[0], x1[k]) for k in range(1, G))  # different after it
     assert latents.shape == (G, 16, 3, 8, 8)
     assert not torch.allclose(latents[0], latents[1])
@@ -189,13 +192,12 @@ def test_recomputed_log_probs_match_the_rollout(tiny):
     wan, cond, uncond = tiny
     sigmas = sample.flow_sigmas(6, 3.0)
     noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    _, trans = sample.rollout(wan.transformer, cond, uncond, noise, sigmas, 5.0, group_size=3, window_start=0,
-                              window_size=2, generator=torch.Generator().manual_seed(3))
+    _, window = sample.rollout(wan.transformer, cond, uncond, noise, sigmas, 5.0, group_size=3, window_start=0,
+                               window_size=2, generator=torch.Generator().manual_seed(3))
     G = 3
-    for t in trans:
-        i = t["step"]
-        logp, _, _ = sample.step_log_prob(wan.transformer, t["x"], t["x_next"], float(sigmas[i]),
+    for i, x, x_next, old_logp in zip(window["step"].tolist(), window["x"], window["x_next"], window["log_prob"]):
+        logp, _, _ = sample.step_log_prob(wan.transformer, x, x_next, float(sigmas[i]),
                                           float(sigmas[i + 1]), cond.expand(G, -1, -1), uncond.expand(G, -1, -1),
                                           5.0, noise_level=0.7, sigma_max=float(sigmas[1]))
-        ratio = torch.exp(logp - t["log_prob"])
+        ratio = torch.exp(logp - old_logp)
         torch.testing.assert_close(ratio, torch.ones(G), rtol=0, atol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import grpo
+import models
 import reward
 import sample
 from trainrun import records, run
@@ -25,10 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_compute_dtype_is_the_patch_embedding_not_the_first_parameter():
     """Diffusers keeps scale_shift_table (the first parameter) in fp32 in a bf16 Wan: reading the dtype from it fed
     fp32 latents to the bf16 patch embedding (RuntimeError: Input type (float) and bias type (c10::BFloat16))."""
-    wan = sample.load_wan(None, torch.device("cpu"), torch.bfloat16)
+    wan = models.load_wan(None, torch.device("cpu"), torch.bfloat16)
     tr = wan.transformer
     assert next(tr.parameters()).dtype == torch.float32  # the trap
-    assert sample.compute_dtype(tr) == torch.bfloat16
+    assert models.compute_dtype(tr) == torch.bfloat16
     x = torch.randn(1, 16, 3, 8, 8)
     cond, uncond = sample.encode(wan, ["Camera pan left. a red car", ""], 16).float().chunk(2)  # fp32 text in
     v = sample.velocity(tr, x, 0.9, cond, uncond, 5.0)
@@ -39,7 +40,7 @@ def test_bf16_sample_is_finite_and_close_to_fp32():
     kw = dict(frames=9, height=64, width=64, steps=4, text_len=16, sampler="unipc")
     videos = {}
     for dt in (torch.float32, torch.bfloat16):
-        wan = sample.load_wan(None, torch.device("cpu"), dt)
+        wan = models.load_wan(None, torch.device("cpu"), dt)
         videos[dt] = sample.generate(wan, "Camera orbit left. a stone lighthouse", 0, **kw)
     assert torch.isfinite(videos[torch.bfloat16]).all()
     assert (videos[torch.bfloat16] - videos[torch.float32]).abs().mean() < 0.05
@@ -157,20 +158,20 @@ def test_a_black_video_scores_below_real_videos_with_negative_scores():
 
 
 def test_score_marks_black_and_failing_videos_bad_and_raises_systemic_failures(monkeypatch):
-    models = reward.load_reward_models("tiny")
+    critics = models.load_reward_models("tiny")
     g = torch.Generator().manual_seed(0)
     videos = torch.rand(3, 5, 3, 32, 32, generator=g)
     videos[1] = 0  # black
-    out = reward.score(models, videos, ["a cat"] * 3, [None] * 3, dynamic=True)
+    out, why = reward.score(critics, videos, ["a cat"] * 3, [None] * 3, dynamic=True)
     assert out["bad"].tolist() == [False, True, False]
     assert torch.isnan(out["total"][1]) and torch.isfinite(out["total"][[0, 2]]).all()
-    assert out["reasons"][1] == "black video"
+    assert why[1] == "black video"
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(reward, "hpsv3_score", oom)
     with pytest.raises(torch.OutOfMemoryError):
-        reward.score(models, videos[:1], ["a cat"], [None], dynamic=True)
+        reward.score(critics, videos[:1], ["a cat"], [None], dynamic=True)
 
 
 def test_a_rank_that_sees_another_out_dir_stops_every_rank(tmp_path):

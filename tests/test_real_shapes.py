@@ -2,9 +2,9 @@
 The released model shapes end to end, on the CPU in bf16, with random weights and only the depth cut:
 Wan2.1-T2V-1.3B (transformer, UMT5-XXL with its 256384-token table, the Wan2.1 VAE) and the critics (DA3-giant
 with its Gaussian head, Qwen3-VL-4B, HPSv3 on Qwen2-VL-7B, LPIPS), every width, head count, patch size,
-processor setting and vocabulary as released (bench.random_wan, bench.random_reward_models). Each model is saved
-in its released on-disk layout and loaded back through the real loaders (sample.load_wan,
-reward.load_reward_models), so configs and checkpoint keys are exercised: every loaded tensor must equal the one
+processor setting and vocabulary as released (models.random_wan, models.random_reward_models). Each model is saved
+in its released on-disk layout and loaded back through the real loaders (models.load_wan,
+models.load_reward_models), so configs and checkpoint keys are exercised: every loaded tensor must equal the one
 saved. Then a reduced video, 17 frames x 128 x 224 (latent 16 x 5 x 16 x 28), goes through UMT5, one CFG
 transformer step, the VAE, and reward.score on 2 videos, checking shapes, dtypes and what the processors make.
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import bench
+import models
 import noise_warp
 import reward
 import sample
@@ -73,19 +73,19 @@ def capture_inputs(module, store):
 def test_wan_real_shapes_save_load_and_one_step(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        wan = bench.random_wan("small", CPU, BF16, depth=1)
+        wan = models.random_wan("small", CPU, BF16, depth=1)
     tc, ec = wan.transformer.config, wan.text_encoder.config
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-    for k, v in dict(bench.WAN_CONFIGS["small"], num_layers=1).items():  # every field as released but the depth
+    for k, v in dict(models.WAN_CONFIGS["small"], num_layers=1).items():  # every field as released but the depth
         assert as_list(tc[k]) == as_list(v), k
     assert (ec.vocab_size, ec.d_model, ec.d_ff, ec.num_heads, ec.num_layers) == (256384, 4096, 10240, 64, 1)
     assert {k: as_list(wan.vae.config[k]) for k in WAN21_VAE} == WAN21_VAE  # diffusers' defaults are Wan2.1's VAE
     before = {part: fingerprint(getattr(wan, part)) for part in ("transformer", "text_encoder", "vae")}
-    sample.save_pretrained(wan, tmp_path)
+    models.save_pretrained(wan, tmp_path)
     del wan
     gc.collect()
 
-    wan = sample.load_wan(str(tmp_path), CPU, BF16)
+    wan = models.load_wan(str(tmp_path), CPU, BF16)
     for part, fp in before.items():
         assert fingerprint(getattr(wan, part)) == fp, part  # same keys, shapes, dtypes and values
     # dtypes: transformer in bf16 but the modules diffusers keeps in fp32; UMT5 bf16; VAE fp32
@@ -97,7 +97,7 @@ def test_wan_real_shapes_save_load_and_one_step(tmp_path):
     assert {p.dtype for p in wan.text_encoder.parameters()} == {BF16}
     assert {p.dtype for p in wan.vae.parameters()} == {torch.float32}
 
-    emb = sample.encode(wan, [PROMPT, ""], sample.SIZES["small"]["text_len"])
+    emb = sample.encode(wan, [PROMPT, ""], models.SIZES["small"]["text_len"])
     n = wan.tokenizer(PROMPT).input_ids
     assert emb.shape == (2, 512, 4096) and emb.dtype == BF16 and torch.isfinite(emb).all()
     assert (emb[0, len(n):] == 0).all() and (emb[0, :len(n)] != 0).any(dim=-1).all()
@@ -119,24 +119,24 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
     import lpips
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        models = bench.random_reward_models(CPU, BF16, depth=1, process_res=PROCESS_RES)
-    vit = models.da3.backbone.pretrained
+        critics = models.random_reward_models(CPU, BF16, depth=1, process_res=PROCESS_RES)
+    vit = critics.da3.backbone.pretrained
     assert (vit.embed_dim, vit.num_heads, vit.patch_size, len(vit.blocks)) == (1536, 24, 14, 4)
-    assert models.gs_cfg["sh_degree"] == 2 and models.gs_cfg["gaussian_scale_max"] == 30.0  # da3-giant's adapter
-    qc, hc = models.qwen.config, models.hps.backbone.config
+    assert critics.gs_cfg["sh_degree"] == 2 and critics.gs_cfg["gaussian_scale_max"] == 30.0  # da3-giant's adapter
+    qc, hc = critics.qwen.config, critics.hps.backbone.config
     assert (qc.text_config.vocab_size, qc.text_config.hidden_size, qc.vision_config.hidden_size) == (151936, 2560, 1024)
     assert qc.vision_config.deepstack_visual_indexes == [0, 1, 2] and qc.text_config.num_hidden_layers == 1
     assert (hc.text_config.vocab_size, hc.text_config.hidden_size, hc.vision_config.embed_dim) == (152064, 3584, 1280)
-    tok = models.qwen_proc.tokenizer  # the stand-in tokenizer gives Qwen's ids
+    tok = critics.qwen_proc.tokenizer  # the stand-in tokenizer gives Qwen's ids
     assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                                                    "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")] == \
         [151643, 151644, 151645, 151652, 151653, 151655, 151656]
     assert reward._digit_ids(tok) == list(range(15, 25))
-    assert (qc.image_token_id, hc.image_token_id, models.hps.reward_token_id) == (151655, 151655, 151657)
-    before = {k: fingerprint(getattr(models, k)) for k in ("da3", "qwen", "hps")}
+    assert (qc.image_token_id, hc.image_token_id, critics.hps.reward_token_id) == (151655, 151655, 151657)
+    before = {k: fingerprint(getattr(critics, k)) for k in ("da3", "qwen", "hps")}
 
-    paths = reward.save_reward_models(models, tmp_path)
-    del models
+    paths = models.save_reward_models(critics, tmp_path)
+    del critics
     gc.collect()
     assert json.loads((tmp_path / "da3" / "config.json").read_text()) == {"model_name": "da3-giant", "depth": 4}
     with safe_open(tmp_path / "da3" / "model.safetensors", "pt") as f:
@@ -153,28 +153,28 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
         return build(pnet_rand=True, **kw)
 
     monkeypatch.setattr(lpips, "LPIPS", offline_lpips)
-    models = reward.load_reward_models("small", CPU, BF16, process_res=PROCESS_RES, **paths)
+    critics = models.load_reward_models("small", CPU, BF16, process_res=PROCESS_RES, **paths)
     for k, fp in before.items():
-        assert fingerprint(getattr(models, k)) == fp, k  # same keys, shapes, dtypes and values
+        assert fingerprint(getattr(critics, k)) == fp, k  # same keys, shapes, dtypes and values
     # dtypes: DA3 fp32 (no autocast on the CPU), the VLMs bf16, HPSv3's head and LPIPS fp32
-    assert {p.dtype for p in models.da3.parameters()} == {torch.float32}
-    assert {p.dtype for p in models.qwen.parameters()} == {BF16}
-    assert {p.dtype for p in models.hps.backbone.parameters()} == {BF16}
-    assert {p.dtype for p in models.hps.rm_head.parameters()} == {torch.float32}
-    assert {p.dtype for p in models.lpips.parameters()} == {torch.float32}
-    assert list(models.qwen_proc.image_processor.image_mean) == [0.5] * 3
-    assert list(models.hps_proc.image_processor.image_mean) == bench.QWEN2_VL_IMAGES["image_mean"]
+    assert {p.dtype for p in critics.da3.parameters()} == {torch.float32}
+    assert {p.dtype for p in critics.qwen.parameters()} == {BF16}
+    assert {p.dtype for p in critics.hps.backbone.parameters()} == {BF16}
+    assert {p.dtype for p in critics.hps.rm_head.parameters()} == {torch.float32}
+    assert {p.dtype for p in critics.lpips.parameters()} == {torch.float32}
+    assert list(critics.qwen_proc.image_processor.image_mean) == [0.5] * 3
+    assert list(critics.hps_proc.image_processor.image_mean) == models.QWEN2_VL_IMAGES["image_mean"]
 
     lifts, qwen_in, hps_in = [], [], []
     lift = reward.lift
     monkeypatch.setattr(reward, "lift", lambda m, v: lifts.append(lift(m, v)) or lifts[-1])
-    hooks = [capture_inputs(models.qwen, qwen_in), capture_inputs(models.hps, hps_in)]
+    hooks = [capture_inputs(critics.qwen, qwen_in), capture_inputs(critics.hps, hps_in)]
     videos = torch.rand(2, FRAMES, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(2))
     path = noise_warp.camera_path(noise_warp.parse_camera(PROMPT), FRAMES)
-    r = reward.score(models, videos, [PROMPT, PROMPT], [path, path])
+    r, why = reward.score(critics, videos, [PROMPT, PROMPT], [path, path])
     for h in hooks:
         h.remove()
-    assert r["reasons"] == ["", ""]
+    assert why == ["", ""]
     for k in ("S_meta", "S_recon", "S_traj", "R_gen", "R_3D", "total"):
         assert r[k].shape == (2,) and torch.isfinite(r[k]).all(), k
     assert ((r["S_meta"] > 0) & (r["S_meta"] < 1)).all() and (r["R_gen"] != 0).all()

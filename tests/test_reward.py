@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+import models
 import noise_warp
 import reward
 
@@ -24,8 +25,8 @@ import reward
 
 
 @pytest.fixture(scope="module")
-def models():
-    return reward.load_reward_models("tiny")
+def critics():
+    return models.load_reward_models("tiny")
 
 
 def rot_y(a):
@@ -202,10 +203,10 @@ def test_geodesic_distance_on_known_rotations():
     axis = np.array([1.0, 2.0, -0.5]) / np.linalg.norm([1.0, 2.0, -0.5])
     for deg in (0.0, 1e-4, 30.0, 90.0, 179.0):
         R = torch.tensor(Rotation.from_rotvec(axis * math.radians(deg)).as_matrix())
-        assert abs(float(reward.geodesic_deg(torch.eye(3, dtype=torch.float64), R)) - deg) < 1e-7
+        assert abs(float(noise_warp.geodesic_deg(torch.eye(3, dtype=torch.float64), R)) - deg) < 1e-7
     A, B = Rotation.random(5, random_state=2), Rotation.random(5, random_state=3)
     ref = np.degrees((A.inv() * B).magnitude())
-    got = reward.geodesic_deg(torch.tensor(A.as_matrix()), torch.tensor(B.as_matrix())).numpy()
+    got = noise_warp.geodesic_deg(torch.tensor(A.as_matrix()), torch.tensor(B.as_matrix())).numpy()
     assert np.abs(got - ref).max() < 1e-7
 
 
@@ -263,7 +264,7 @@ def test_meta_camera_orbits_away_from_the_path():
         c = m[:3, 3]
         assert abs(float((c - p).norm()) - 4.0) < 1e-9  # on the orbit circle
         assert float(torch.nn.functional.cosine_similarity(m[:3, 2], p - c, dim=0)) > 1 - 1e-12  # still looks at p
-        assert abs(float(reward.geodesic_deg(mid[:3, :3], m[:3, :3])) - 15.0) < 1e-9
+        assert abs(float(noise_warp.geodesic_deg(mid[:3, :3], m[:3, :3])) - 15.0) < 1e-9
         assert side * float((mid[:3, :3].T @ (c - mid[:3, 3]))[0]) > 0.5  # moved to the side the path did not go
     pan = pan_right()
     m = reward.meta_camera(pan, depth, 15.0)
@@ -313,17 +314,17 @@ def masked_psnr(lf, frames, mask):
     return float(-10 * torch.log10(err))
 
 
-def test_synthetic_roundtrip_psnr_and_s_recon(models, synthetic):
+def test_synthetic_roundtrip_psnr_and_s_recon(critics, synthetic):
     frames, depth, mask, K, c2w = synthetic
     assert mask.float().mean() > 0.7
     lf = reward.lift_from_depth(frames, depth, K, c2w.float())
-    psnr, s = masked_psnr(lf, frames, mask), reward.s_recon(models, lf)
+    psnr, s = masked_psnr(lf, frames, mask), reward.s_recon(critics, lf)
     scale = (1 + 0.5 * (-1) ** torch.arange(9)).view(9, 1, 1)  # frames alternately 50% too far and too near
     bad_depth = reward.lift_from_depth(frames, depth * scale, K, c2w.float())
     gl = torch.diag(torch.tensor([1.0, -1, -1, 1]))  # OpenCV <-> OpenGL axes
     flipped = reward.lift_from_depth(frames, depth, K, c2w.float() @ gl)
-    psnr_d, s_d = masked_psnr(bad_depth, frames, mask), reward.s_recon(models, bad_depth)
-    psnr_f, s_f = masked_psnr(flipped, frames, mask), reward.s_recon(models, flipped)
+    psnr_d, s_d = masked_psnr(bad_depth, frames, mask), reward.s_recon(critics, bad_depth)
+    psnr_f, s_f = masked_psnr(flipped, frames, mask), reward.s_recon(critics, flipped)
     print(f"\nsynthetic round trip PSNR {psnr:.1f} dB (perturbed depth {psnr_d:.1f}, flipped cameras {psnr_f:.1f}); "
           f"S_recon {s:.4f} / {s_d:.4f} / {s_f:.4f}")
     assert psnr >= 25 and psnr_d < psnr - 6 and psnr_f < psnr - 6
@@ -354,10 +355,10 @@ def test_synthetic_s_traj(synthetic):
 # the tiny critics end to end
 
 
-def test_da3_lift_from_gs_head_and_unprojection(models):
+def test_da3_lift_from_gs_head_and_unprojection(critics):
     video = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     t = time.time()
-    lf = reward.lift(models, video)
+    lf = reward.lift(critics, video)
     t_lift = time.time() - t
     F_, h, w = lf.depth.shape
     assert (F_, h, w) == (9, 56, 56) and lf.frames.shape == (9, 3, 56, 56)
@@ -366,12 +367,12 @@ def test_da3_lift_from_gs_head_and_unprojection(models):
     assert g["means"].shape == (9 * 56 * 56, 3) and g["sh"].shape == (9 * 56 * 56, 9, 3)
     assert all(torch.isfinite(v).all() for v in g.values()) and (g["scales"] > 0).all()
     t = time.time()
-    s = reward.s_recon(models, lf)
+    s = reward.s_recon(critics, lf)
     t_recon = time.time() - t
     print(f"\ntiny DA3 on 9x64x64: lift {t_lift:.2f} s, S_recon (render 9 views + LPIPS) {t_recon:.2f} s")
     assert 0 <= s <= 1
     # a DA3 without a GS head lifts by unprojecting its depth
-    lf2 = reward.lift(dataclasses.replace(models, gs_cfg=None), video)
+    lf2 = reward.lift(dataclasses.replace(critics, gs_cfg=None), video)
     assert "colors" in lf2.gaussians and torch.allclose(lf2.depth, lf.depth)
 
 
@@ -395,16 +396,16 @@ def test_gs_head_means_project_back_to_their_pixels():
     assert torch.allclose(X.norm(dim=-1).view(F_, h, w), depth + raw[..., -1], atol=1e-9)  # on the unit ray
 
 
-def test_s_meta_is_the_expected_digit_of_the_tiny_qwen(models):
+def test_s_meta_is_the_expected_digit_of_the_tiny_qwen(critics):
     image = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0))
-    got = reward.qwen_grade(models, image, "Camera orbit left. A red car.")
+    got = reward.qwen_grade(critics, image, "Camera orbit left. A red car.")
     # hand computation, through generate()'s own cached forward
-    proc, tok = models.qwen_proc, models.qwen_proc.tokenizer
+    proc, tok = critics.qwen_proc, critics.qwen_proc.tokenizer
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": reward.META_PROMPT.format(
         prompt="Camera orbit left. A red car.")}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     inp = proc(text=[text], images=[(image * 255).round().to(torch.uint8)], return_tensors="pt")
-    out = models.qwen.generate(**inp, max_new_tokens=1, do_sample=False, output_logits=True,
+    out = critics.qwen.generate(**inp, max_new_tokens=1, do_sample=False, output_logits=True,
                                return_dict_in_generate=True)
     digits = [tok.encode(str(d), add_special_tokens=False) for d in range(10)]
     assert all(len(d) == 1 for d in digits)
@@ -414,8 +415,8 @@ def test_s_meta_is_the_expected_digit_of_the_tiny_qwen(models):
     assert abs(got - float((p * np.arange(10)).sum() / 9)) < 1e-5
 
 
-def test_hpsv3_key_remap_loads_the_old_layout(models):
-    sd = models.hps.state_dict()
+def test_hpsv3_key_remap_loads_the_old_layout(critics):
+    sd = critics.hps.state_dict()
     old = {}
     for k, v in sd.items():  # the layout transformers 4.45 wrote
         k = k.replace("backbone.language_model.", "model.").replace("backbone.visual.", "visual.")
@@ -424,29 +425,29 @@ def test_hpsv3_key_remap_loads_the_old_layout(models):
     assert not any(k.startswith("backbone.") for k in old)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
-        fresh, _ = reward.build_tiny_hpsv3()
-    fresh.load_state_dict(reward.remap_hpsv3_state_dict(old), strict=True)
-    assert reward.remap_hpsv3_key("module.model.layers.0.mlp.up_proj.weight") == \
+        fresh, _ = models.build_tiny_hpsv3()
+    fresh.load_state_dict(models.remap_hpsv3_state_dict(old), strict=True)
+    assert models.remap_hpsv3_key("module.model.layers.0.mlp.up_proj.weight") == \
         "backbone.language_model.layers.0.mlp.up_proj.weight"
-    assert reward.remap_hpsv3_key("rm_head.0.weight") == "rm_head.0.weight"
-    assert reward.remap_hpsv3_key("model.visual.merger.mlp.0.bias") == "backbone.visual.merger.mlp.0.bias"  # 4.52+
-    assert reward.remap_hpsv3_key("model.language_model.norm.weight") == "backbone.language_model.norm.weight"
+    assert models.remap_hpsv3_key("rm_head.0.weight") == "rm_head.0.weight"
+    assert models.remap_hpsv3_key("model.visual.merger.mlp.0.bias") == "backbone.visual.merger.mlp.0.bias"  # 4.52+
+    assert models.remap_hpsv3_key("model.language_model.norm.weight") == "backbone.language_model.norm.weight"
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    a = reward.hpsv3_score(models, images, ["a cat", "a dog"])
-    b = reward.hpsv3_score(dataclasses.replace(models, hps=fresh), images, ["a cat", "a dog"])
+    a = reward.hpsv3_score(critics, images, ["a cat", "a dog"])
+    b = reward.hpsv3_score(dataclasses.replace(critics, hps=fresh), images, ["a cat", "a dog"])
     assert torch.equal(a, b)
 
 
-def test_hpsv3_scores_images_end_to_end(models):
+def test_hpsv3_scores_images_end_to_end(critics):
     images = torch.rand(3, 3, 48, 80, generator=torch.Generator().manual_seed(2))
-    s = reward.hpsv3_score(models, images, ["a cat", "a dog running on a beach", "x"])
+    s = reward.hpsv3_score(critics, images, ["a cat", "a dog running on a beach", "x"])
     assert s.shape == (3,) and s.dtype == torch.float32 and torch.isfinite(s).all()
     assert len(set(s.tolist())) == 3
-    alone = reward.hpsv3_score(models, images[1:2], ["a dog running on a beach"])
+    alone = reward.hpsv3_score(critics, images[1:2], ["a dog running on a beach"])
     assert abs(float(alone[0] - s[1])) < 1e-4  # padding in a batch does not change a score
 
 
-def test_real_loaders_from_local_folders(models, tmp_path, monkeypatch):
+def test_real_loaders_from_local_folders(critics, tmp_path, monkeypatch):
     """load_reward_models' real path, offline: a DA3 registry preset (da3-small, random) saved in DA3's hub
     checkpoint layout, the tiny Qwen3-VL and HPSv3 saved as hub folders (HPSv3 in the transformers-4.45 key
     layout). LPIPS's ImageNet AlexNet cannot be had offline: we check it is asked for, and build a random one."""
@@ -464,12 +465,12 @@ def test_real_loaders_from_local_folders(models, tmp_path, monkeypatch):
     holder = torch.nn.Module()  # DA3's hub wrapper: the network at .model, saved by huggingface_hub's save_model
     holder.model = net
     save_model(holder, str(da3_dir / "model.safetensors"))
-    models.qwen.save_pretrained(qwen_dir)
-    models.qwen_proc.save_pretrained(qwen_dir)
-    models.hps_proc.save_pretrained(bb_dir)
-    models.hps.backbone.config.save_pretrained(bb_dir)
+    critics.qwen.save_pretrained(qwen_dir)
+    critics.qwen_proc.save_pretrained(qwen_dir)
+    critics.hps_proc.save_pretrained(bb_dir)
+    critics.hps.backbone.config.save_pretrained(bb_dir)
     old = {k.replace("backbone.language_model.", "model.").replace("backbone.visual.", "visual."): v.contiguous()
-           for k, v in models.hps.state_dict().items()}
+           for k, v in critics.hps.state_dict().items()}
     save_file(old, hps_dir / "HPSv3.safetensors")
     build = lpips.LPIPS
 
@@ -478,27 +479,27 @@ def test_real_loaders_from_local_folders(models, tmp_path, monkeypatch):
         return build(pnet_rand=True, **kw)
 
     monkeypatch.setattr(lpips, "LPIPS", offline_lpips)
-    real = reward.load_reward_models("small", "cpu", da3=str(da3_dir), qwen=str(qwen_dir), hps=str(hps_dir),
+    real = models.load_reward_models("small", "cpu", da3=str(da3_dir), qwen=str(qwen_dir), hps=str(hps_dir),
                                      hps_backbone=str(bb_dir))
     (da3_dir / "model.safetensors").unlink()  # 137 MB
     assert real.gs_cfg is None and real.process_res == 504 and real.hps_pixels == 256 * 28 * 28
     assert all(torch.equal(a, b) for a, b in zip(real.da3.state_dict().values(), net.state_dict().values()))
     image = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0))
-    assert reward.qwen_grade(real, image, "a cat") == reward.qwen_grade(models, image, "a cat")
+    assert reward.qwen_grade(real, image, "a cat") == reward.qwen_grade(critics, image, "a cat")
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
-    small = dataclasses.replace(real, hps_pixels=models.hps_pixels, process_res=56)
-    assert torch.equal(reward.hpsv3_score(small, images, ["a", "b"]), reward.hpsv3_score(models, images, ["a", "b"]))
+    small = dataclasses.replace(real, hps_pixels=critics.hps_pixels, process_res=56)
+    assert torch.equal(reward.hpsv3_score(small, images, ["a", "b"]), reward.hpsv3_score(critics, images, ["a", "b"]))
     lf = reward.lift(small, torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
     assert "colors" in lf.gaussians and lf.depth.shape == (3, 56, 56)  # no GS head: depth unprojection
     with pytest.raises(ValueError, match="tiny, small or large"):
-        reward.load_reward_models("huge")
+        models.load_reward_models("huge")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # score(): every component, bad videos, failing critics
 
 
-def test_score_components_and_bad_videos(models):
+def test_score_components_and_bad_videos(critics):
     gen = torch.Generator().manual_seed(0)
     good = torch.rand(9, 3, 64, 64, generator=gen)
     nan = good.clone()
@@ -506,45 +507,45 @@ def test_score_components_and_bad_videos(models):
     videos = [good, torch.zeros(9, 3, 64, 64), torch.full((9, 3, 64, 64), 0.5), nan]
     path = orbit()
     t = time.time()
-    r = reward.score(models, torch.stack(videos[:2]), ["Camera orbit left. A cat."] * 2, [path, path])
+    r, why = reward.score(critics, torch.stack(videos[:2]), ["Camera orbit left. A cat."] * 2, [path, path])
     print(f"\ntiny score() of 2 videos: {time.time() - t:.1f} s")
     for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen", "total"):
         assert r[k].shape == (2,) and r[k].dtype == torch.float32 and torch.isfinite(r[k][0])
     assert r["bad"].tolist() == [False, True]
-    assert r["reasons"][0] == "" and 0 < r["R_3D"][0] <= 3
+    assert why[0] == "" and 0 < r["R_3D"][0] <= 3
     assert torch.allclose(r["R_3D"][:1], (r["S_meta"] + r["S_recon"] + r["S_traj"])[:1])
     assert torch.allclose(r["total"][:1], (r["R_3D"] + r["R_gen"])[:1])
     # a video no critic can score is "bad": its terms and total are NaN (the trainer scores it below its group)
-    assert r["reasons"][1] == "black video" and torch.isnan(r["total"][1])
-    for v, why in ((videos[2], "constant video"), (nan, "non-finite video (NaN/Inf)"), (good[:1], "one-frame video")):
-        out = reward.score(models, [v], ["p"], [path])
-        assert out["reasons"] == [why] and out["bad"].item() and all(
+    assert why[1] == "black video" and torch.isnan(r["total"][1])
+    for v, reason in ((videos[2], "constant video"), (nan, "non-finite video (NaN/Inf)"), (good[:1], "one-frame video")):
+        out, reasons = reward.score(critics, [v], ["p"], [path])
+        assert reasons == [reason] and out["bad"].item() and all(
             torch.isnan(out[k][0]) for k in ("R_3D", "R_gen", "total"))
     # no camera words: S_traj = 0 (defined) with its reason; a failing critic makes the video bad, its term NaN
-    out = reward.score(models, good[None], ["a cat"], [None], w_3d=2.0)
-    assert out["S_traj"][0] == 0 and not out["bad"][0] and "no camera words" in out["reasons"][0]
+    out, why = reward.score(critics, good[None], ["a cat"], [None], w_3d=2.0)
+    assert out["S_traj"][0] == 0 and not out["bad"][0] and "no camera words" in why[0]
     assert torch.allclose(out["total"], 2 * out["R_3D"] + out["R_gen"])
-    broken = dataclasses.replace(models, qwen=None)
-    out = reward.score(broken, good[None], ["a cat"], [None], w_3d=2.0)
+    broken = dataclasses.replace(critics, qwen=None)
+    out, why = reward.score(broken, good[None], ["a cat"], [None], w_3d=2.0)
     assert torch.isnan(out["S_meta"][0]) and out["S_recon"][0] > 0 and out["bad"][0]
-    assert "S_meta failed" in out["reasons"][0]
-    out = reward.score(dataclasses.replace(models, da3=None, hps=None), good[None], ["a cat"], [path])
-    assert out["bad"][0] and "lift failed" in out["reasons"][0] and "HPSv3 failed" in out["reasons"][0]
+    assert "S_meta failed" in why[0]
+    out, why = reward.score(dataclasses.replace(critics, da3=None, hps=None), good[None], ["a cat"], [path])
+    assert out["bad"][0] and "lift failed" in why[0] and "HPSv3 failed" in why[0]
     with pytest.raises(ValueError, match="one each"):
-        reward.score(models, good[None], ["a", "b"], [None])
+        reward.score(critics, good[None], ["a", "b"], [None])
     # dynamic phase: R_gen only, no 3D critic runs
-    out = reward.score(dataclasses.replace(models, da3=None), good[None], ["a cat"], [path], dynamic=True)
-    assert out["reasons"] == [""] and out["R_3D"][0] == 0 and out["total"][0] == out["R_gen"][0] != 0
+    out, why = reward.score(dataclasses.replace(critics, da3=None), good[None], ["a cat"], [path], dynamic=True)
+    assert why == [""] and out["R_3D"][0] == 0 and out["total"][0] == out["R_gen"][0] != 0
 
 
-def test_score_reuses_a_given_lift(models, monkeypatch):
+def test_score_reuses_a_given_lift(critics, monkeypatch):
     """score(lifts=...) gives the same components as lifting inside, without running Depth Anything 3 again."""
     good = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     prompt, path = "Camera orbit left. A cat.", orbit()
-    fresh = reward.score(models, good[None], [prompt], [path])
-    lf = reward.lift(models, good)
+    fresh, _ = reward.score(critics, good[None], [prompt], [path])
+    lf = reward.lift(critics, good)
     monkeypatch.setattr(reward, "lift", lambda *a: pytest.fail("lift ran although one was given"))
-    reused = reward.score(models, good[None], [prompt], [path], lifts=[lf])
+    reused, _ = reward.score(critics, good[None], [prompt], [path], lifts=[lf])
     for k in ("S_meta", "S_recon", "S_traj", "R_gen", "total"):
         assert torch.allclose(fresh[k], reused[k]), k
 

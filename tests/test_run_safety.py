@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import models
 from trainrun import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +30,7 @@ def strict_records(out_dir):
 
 def in_process(monkeypatch, args):
     """train.py in this process with the model loader forbidden: what it refuses, it refuses before loading."""
-    import sample
-    monkeypatch.setattr(sample, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a refusal"))
+    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a refusal"))
     monkeypatch.setattr(sys, "argv", ["train.py"] + args)
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:

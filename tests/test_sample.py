@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
+import models
 import sample
 
 CPU = torch.device("cpu")
@@ -19,7 +20,7 @@ KW = dict(frames=9, height=64, width=64, steps=4, text_len=32)
 
 @pytest.fixture(scope="module")
 def wan():
-    return sample.load_wan(None, CPU)
+    return models.load_wan(None, CPU)
 
 
 def _pipe(wan, scheduler):
@@ -89,9 +90,9 @@ def test_same_seed_same_video_different_seed_differs(wan):
 
 
 def test_save_load_roundtrip(wan, tmp_path):
-    sample.save_pretrained(wan, tmp_path / "tiny")
+    models.save_pretrained(wan, tmp_path / "tiny")
     assert (tmp_path / "tiny" / "model_index.json").exists()
-    loaded = sample.load_wan(str(tmp_path / "tiny"), CPU)
+    loaded = models.load_wan(str(tmp_path / "tiny"), CPU)
     assert torch.equal(sample.generate(wan, PROMPT, 7, **KW), sample.generate(loaded, PROMPT, 7, **KW))
 
 
@@ -121,7 +122,7 @@ def test_cli_prompt_file_writes_one_video_per_line(tmp_path):
     (["--model", "./no_such_folder"], "diffusers folder"),
 ])
 def test_bad_input_stops_before_loading(monkeypatch, argv, message):
-    monkeypatch.setattr(sample, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     if "--prompt" not in argv:
         argv = ["--prompt", PROMPT] + argv
     with pytest.raises(SystemExit) as e:
@@ -130,7 +131,7 @@ def test_bad_input_stops_before_loading(monkeypatch, argv, message):
 
 
 def test_bad_prompt_files(monkeypatch, tmp_path):
-    monkeypatch.setattr(sample, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(SystemExit, match="has no lines"):
@@ -146,7 +147,7 @@ class LinearFlow(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.patch_embedding = torch.nn.Conv3d(1, 1, 1)  # only its dtype is read (sample.compute_dtype)
+        self.patch_embedding = torch.nn.Conv3d(1, 1, 1)  # only its dtype is read (models.compute_dtype)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
         return (hidden_states - 0.3 * timestep.view(-1, 1, 1, 1, 1) / 1000,)
@@ -157,7 +158,7 @@ def test_stepwise_injection_survives_unipc_as_it_does_euler():
     each step's result from the sample before it, which undid the injection (0.55% of Euler's effect); with the
     corrector off after injected steps its effect on the final latent is the same order as Euler's. Also: the default
     strength (warp_strength=None) works."""
-    wan = sample.build_tiny(0)
+    wan = models.build_tiny(0)
     shape = (16, 3, 8, 8)
     base, inject, motions = sample.camera_noise("Camera pan left. a harbour", shape, torch.Generator().manual_seed(0),
                                                 "stepwise", None)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+import models
 from trainrun import records, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
 
     # the exported EMA LoRA loads into the tiny pipeline through diffusers and sample.py --lora and changes output
     import sample
-    wan = sample.build_tiny(0)
+    wan = models.build_tiny(0)
     kw = dict(frames=9, height=64, width=64, steps=4, text_len=16, sampler="euler", warp_mode="none")
     base = sample.generate(wan, "a red car", 0, **kw)
     wan.transformer.load_lora_adapter(str(ckpt / "lora"), prefix="transformer", weight_name=sample.LORA_FILE)
@@ -124,19 +125,31 @@ def test_full_finetune_trains_every_weight_against_a_frozen_copy(tmp_path):
     out = tmp_path / "full"
     run(["--size=tiny", "--max_steps=1", "--full_finetune", "--lr=1e-4"] + TOY, out)
     saved = load_file(out / "ckpt_000000" / "trainable.safetensors")
-    import sample
-    assert saved.keys() == dict(sample.build_tiny(0).transformer.named_parameters()).keys()
+    assert saved.keys() == dict(models.build_tiny(0).transformer.named_parameters()).keys()
     assert not (out / "ckpt_000000" / "lora").exists()
     assert records(out)[0]["kl"] > 0  # the second update moved away from the frozen reference
 
 
+# Each rank also writes its own trained weights at every checkpoint (train.py saves rank 0's only), for the DDP check.
+EVERY_RANK_SAVES = (
+    "import os, torch, checkpoint\n"
+    "from safetensors.torch import save_file\n"
+    "real_save = checkpoint.save\n"
+    "def save(out_dir, step, state, policy, trainable, *a, **k):\n"
+    "    real_save(out_dir, step, state, policy, trainable, *a, **k)\n"
+    "    save_file({n: p.detach().contiguous() for n, p in trainable.items()},\n"
+    "              os.path.join(out_dir, f'weights_{step}_rank{torch.distributed.get_rank()}.safetensors'))\n"
+    "checkpoint.save = save\n")
+
+
 @pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
 def test_torchrun_two_cpu_processes(tmp_path, extra):
-    """Two gloo ranks: DDP keeps parameters identical on both after every step; FSDP2 runs, saves with
-    torch.distributed.checkpoint and resumes from it."""
+    """Two gloo ranks: DDP keeps parameters identical on both after every step (each rank's weights, saved at every
+    step, are bitwise equal); FSDP2 runs, saves with torch.distributed.checkpoint and resumes from it."""
     out = tmp_path / "run"
     reward = ["--reward=toy"] if extra else []  # DDP: the acceptance command itself (world reward); FSDP2: toy
-    run(["--size=tiny", "--max_steps=2", "--eval_every=0"] + reward + extra, out, nproc=2)
+    run(["--size=tiny", "--max_steps=2", "--eval_every=0"] + reward + extra, out, nproc=2,
+        wrapper=None if extra else EVERY_RANK_SAVES)
     recs = records(out)
     assert [r["step"] for r in recs] == [0, 1]
     assert len(recs[0]["prompts"]) == 4 and len(set(recs[0]["prompts"])) == 4  # 2 ranks x 2 prompts, all distinct
@@ -145,7 +158,9 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
         run(["--size=tiny", "--max_steps=3", "--reward=toy", "--eval_every=0", "--resume"] + extra, out, nproc=2)
         assert [r["step"] for r in records(out)] == [0, 1, 2]
     else:
-        assert all(r["param_sync_err"] == 0 for r in recs)
+        for step in (0, 1):  # tiny saves every step
+            a, b = (load_file(out / f"weights_{step}_rank{r}.safetensors") for r in (0, 1))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
 
 
 @pytest.mark.parametrize("args, message", [
@@ -166,8 +181,7 @@ def test_bad_config_stops_before_loading_models(tmp_path, monkeypatch, capsys, a
     args = [a.replace("PROMPTS3", str(three)) for a in args]
     if not any(a.startswith("--out_dir=") for a in args):
         args.append(f"--out_dir={tmp_path / 'out'}")
-    import sample
-    monkeypatch.setattr(sample, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a bad config"))
+    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a bad config"))
     monkeypatch.setattr(sys, "argv", ["train.py", "--size=tiny"] + args)
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:

@@ -1,5 +1,6 @@
 """
 Check that two runs of the same commands give the same numbers: a refactor's contract.
+Imports no project file (json only).
 
     python tools/same_numbers.py RUN_A RUN_B EVAL_A EVAL_B
 RUN_*: train.py --out_dir folders (metrics.jsonl: every value bitwise equal but the timings); EVAL_*: evaluate.py
