@@ -1,6 +1,6 @@
 """
 A training run's folder: who owns it, its checkpoints (written, read, validated), and which of them can be trusted.
-Imports no project file (torch, safetensors; diffusers and peft to export the LoRA).
+Imports common (collectives, one-line errors); torch, safetensors, and diffusers and peft to export the LoRA.
 
 train.py writes and resumes from these; evaluate.py reads them. Layout of out_dir:
     .lock                 held (flock) by the run that writes here; holds its pid
@@ -16,12 +16,15 @@ import os
 import re
 import shutil
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+import common
 
 CKPT = re.compile(r"ckpt_(\d{6,})")  # exactly the names train.py writes (ckpt_%06d); nothing else is ours
 
@@ -190,17 +193,60 @@ def find_resumable(out_dir):
                      "start a fresh run in another --out_dir")
 
 
+def claim(out_dir, config, *, resume, overwrite, fixed):
+    """Collective, before any model loads: take out_dir for this run. Rank 0 creates it and takes its lock; a resumed
+    run finds its checkpoint, whose config must agree with `config` on the `fixed` keys (the others may change, and
+    each change is said); a fresh run never mixes into an old one (`overwrite` moves the old one aside). Then every
+    rank proves it sees the same folder (a token file rank 0 wrote). Any failure stops every rank with one line.
+    Returns (lock, folder, state): the lock (rank 0; keep it for the life of the run, else None), and the checkpoint
+    to resume from with its state.json, or None, None."""
+    error, folder, state, token, lock = "", None, None, None, None
+    if _rank() == 0:
+        try:
+            common.check_writable_dir(out_dir, "--out_dir")
+            lock = RunLock(out_dir)
+            if resume:
+                folder, state = find_resumable(out_dir)
+                changed = [k for k in fixed if state["config"].get(k) != config.get(k)]
+                if changed:
+                    common.fail("--resume with settings the checkpoint cannot take: " + ", ".join(
+                        f"--{k}={config.get(k)} (checkpoint: {state['config'].get(k)})" for k in changed)
+                                + "; drop them or start a fresh run in another --out_dir")
+            elif holds_a_run(out_dir):
+                if not overwrite:
+                    common.fail(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to move it "
+                                "aside and start fresh, or pick another --out_dir")
+                common.print0(f"moved the previous run to {move_aside(out_dir)}")
+            with open(os.path.join(out_dir, ".run_token"), "w") as f:
+                f.write(token := uuid.uuid4().hex)
+        except SystemExit as e:
+            error = str(e.code)
+            if lock is not None:
+                lock.release()
+    common.stop_together(error)
+    shared = [token, folder, state]
+    if dist.is_initialized():
+        dist.broadcast_object_list(shared, src=0)
+    token, folder, state = shared
+    try:
+        with open(os.path.join(out_dir, ".run_token")) as f:
+            error = "" if f.read() == token else "a different token"
+    except OSError:
+        error = "no token"
+    common.stop_together(error and f"rank {_rank()} sees {error} in --out_dir={out_dir}: every rank must write to the "
+                                   "same folder; put --out_dir on a filesystem all nodes share")
+    for k in (k for k in (state or {}).get("config", {}) if k in config and k not in fixed  # a removed flag: ignored
+              and state["config"][k] != config[k]):
+        common.print0(f"resume: --{k} changes from {state['config'][k]} to {config[k]}")
+    return lock, folder, state
+
+
 # -----------------------------------------------------------------------------
 # Writing and reading a checkpoint (train.py). Every rank calls these together: they hold barriers, and under FSDP
 # every rank writes and reads its own shards; otherwise rank 0 writes the weights and each rank its RNG state.
 
 def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _full(t):
@@ -230,7 +276,7 @@ def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora,
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    common.barrier()
     weights = {n: prm.detach() for n, prm in trainable.items()}
     optim_state = get_optimizer_state_dict(policy, optimizer)
     if fsdp:  # every rank writes its shards
@@ -247,13 +293,13 @@ def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora,
     if master:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(dict(step=step, **state), f, indent=1)
-    _barrier()
+    common.barrier()
     if master:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_latest(out_dir, final)
         rotate(out_dir, keep_last, final)
-    _barrier()
+    common.barrier()
 
 
 def export_lora(folder, policy, ema):

@@ -53,6 +53,12 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+def did_you_mean(value, valid):
+    """"; did you mean a, b?" with the valid names closest to `value`, or "" when none is close."""
+    close = difflib.get_close_matches(value, valid, n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def parse_flags(parser, argv, presets=None):
     """Parse argv with one-line errors: an unknown flag names the closest valid ones, a bad value says which flag.
     presets: {name: {flag: default}} keyed by --size; the chosen preset becomes the defaults, explicit flags win."""
@@ -61,8 +67,7 @@ def parse_flags(parser, argv, presets=None):
     for flag in unknown:
         key = flag.split("=")[0]
         names = [name for action in parser._actions for name in action.option_strings]
-        close = difflib.get_close_matches(key, names, n=3)
-        fail(f"unknown argument {flag}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        fail(f"unknown argument {flag}" + did_you_mean(key, names))
     if presets is not None:
         parser.set_defaults(**{k: v for k, v in presets[args.size].items() if k in vars(args)})
         args = parser.parse_args(argv)
@@ -83,9 +88,7 @@ def check_choices(values, valid, flag, what="one of"):
     """Every value must be in `valid`; the first that is not stops with the closest valid names and the list."""
     for value in values:
         if value not in valid:
-            close = difflib.get_close_matches(value, valid, n=3)
-            fail(f"{flag}: unknown value {value!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-                 + f" (valid: {what} {', '.join(valid)})")
+            fail(f"{flag}: unknown value {value!r}" + did_you_mean(value, valid) + f" (valid: {what} {', '.join(valid)})")
 
 
 def check_text(text, flag):
@@ -222,6 +225,24 @@ def cleanup_dist():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def barrier():
+    """All ranks wait here (a no-op in a single process)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def stop_together(message):
+    """Collective: if any rank has an error message, every rank stops with the first one (none is left waiting in a
+    collective). Returns when no rank has one."""
+    messages = [message]
+    if torch.distributed.is_initialized():
+        messages = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(messages, message)
+    for m in messages:
+        if m:
+            raise SystemExit(m if m.startswith("error") else "error: " + m)
 
 
 def is_main():

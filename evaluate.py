@@ -210,6 +210,20 @@ def own_view_metrics(critics, lf):
     return dict(OV_PSNR=psnr.mean().item(), OV_SSIM=ssim.mean().item(), OV_LPIPS=lp.mean().item())
 
 
+def umeyama(src, dst, with_scale=True):
+    """Least-squares similarity dst ~ s R src + t (Umeyama 1991). src, dst (N, 3) -> (s, R (3,3), t (3,)).
+    A degenerate src (all points equal) gives s = 1."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    xs, xd = src - mu_s, dst - mu_d
+    U, D, Vt = torch.linalg.svd(xd.T @ xs / len(src))
+    S = torch.ones(3, dtype=src.dtype, device=src.device)
+    S[2] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))  # a rotation, never a reflection
+    R = U @ torch.diag(S) @ Vt
+    var = (xs ** 2).sum(1).mean()
+    s = (D * S).sum() / var if with_scale and var > 1e-12 else torch.ones((), dtype=src.dtype, device=src.device)
+    return s, R, mu_d - s * R @ mu_s
+
+
 def camera_points(c2w, rho):
     """Each camera as 4 points: its centre c and the tips c + rho R e_i of its three axes. (n, 4, 4) -> (4n, 3)."""
     c, R = c2w[:, :3, 3], c2w[:, :3, :3]
@@ -218,7 +232,7 @@ def camera_points(c2w, rho):
 
 def sim3_between(src_c2w, src_depth, dst_c2w, dst_depth):
     """The similarity x_dst = s R x_src + t between the worlds of two reconstructions of the same frames, from their
-    cameras (n, 4, 4) c2w and depth maps (n, h, w): Umeyama (reward.umeyama) on camera_points at rho = each
+    cameras (n, 4, 4) c2w and depth maps (n, h, w): Umeyama (`umeyama`) on camera_points at rho = each
     reconstruction's own median depth, in float64 -> (s, R (3, 3), t (3,)).
     Centres alone fail where the camera barely moves: a pan or a fixed shot puts every centre at one point (R and
     s undetermined), a push-in puts them on a line (the roll about it free). The axis tips fix R from the cameras'
@@ -227,7 +241,7 @@ def sim3_between(src_c2w, src_depth, dst_c2w, dst_depth):
     when one reconstruction is a similarity transform of the other, depths included."""
     pts = [camera_points(c2w.double(), depth.double().median()) for c2w, depth in ((src_c2w, src_depth),
                                                                                 (dst_c2w, dst_depth))]
-    return reward.umeyama(*pts)
+    return umeyama(*pts)
 
 
 def transform_cameras(c2w, s, R, t):
@@ -597,11 +611,7 @@ def main(argv=None):
     embeddings = sample.encode_all(wan, sorted({prompts[i] for i in mine} | {args.negative_prompt}), args.text_len)
     del wan.text_encoder
     critics = models.load_reward_models(args.size, device, dtype)
-    for turn in (0, 1):  # local rank 0 builds gsplat's CUDA kernels first; the others then load the finished build
-        if (local_rank == 0) == (turn == 0):
-            print(f"[rank {rank}] " + reward.check_renderer(device, args.renderer), flush=True)
-        if dist.is_initialized():
-            dist.barrier()
+    reward.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
     dino, raft = models.load_dino(args.dino, device), models.load_raft(args.raft, device)
     names = ["base"] + ([args.label] if args.lora_dir else [])
     n_grid = min(args.grid, len(prompts))

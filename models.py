@@ -505,16 +505,16 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3=CRITICS["da3"]
                         hps_pixels=SIZES[size]["hps_pixels"])
 
 
-def save_reward_models(models, folder, da3_preset="da3-giant"):
+def save_reward_models(critics, folder, da3_preset="da3-giant"):
     """Write the critics in their released layouts (folder/da3, qwen, hps, hps_backbone) and return those paths
     as load_reward_models' keyword arguments: how tests run the real loaders on models built in code. DA3 must be
     the registry preset `da3_preset` or a cut of it. LPIPS is not written: the loader builds it from the lpips
     package (its AlexNet from torchvision's ImageNet weights)."""
     paths = {k: os.path.join(folder, k) for k in ("da3", "qwen", "hps", "hps_backbone")}
-    save_da3(models.da3, paths["da3"], da3_preset)
-    models.qwen.save_pretrained(paths["qwen"])
-    models.qwen_proc.save_pretrained(paths["qwen"])
-    save_hpsv3(models.hps, models.hps_proc, paths["hps"], paths["hps_backbone"])
+    save_da3(critics.da3, paths["da3"], da3_preset)
+    critics.qwen.save_pretrained(paths["qwen"])
+    critics.qwen_proc.save_pretrained(paths["qwen"])
+    save_hpsv3(critics.hps, critics.hps_proc, paths["hps"], paths["hps_backbone"])
     return paths
 
 

@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass
 
-import common  # noqa: F401  (first: the torchvision fix, before transformers / lpips import it)
+import common  # first: the torchvision fix, before transformers / lpips import it
 import torch
 import torch.nn.functional as F
 
@@ -384,6 +384,20 @@ def check_renderer(device, backend="auto"):
     return f"renderer: gsplat, matches the torch rasterizer at {psnr:.1f} dB (first call incl. build {seconds:.1f} s)"
 
 
+def check_renderer_on_every_rank(device, backend, rank, local_rank):
+    """Collective check_renderer: local rank 0 first (it builds gsplat's CUDA kernels), then the other ranks (they
+    load the finished build). A failure on any rank stops every rank with its line."""
+    error = ""
+    for turn in (0, 1):
+        if (local_rank == 0) == (turn == 0):
+            try:
+                print(f"[rank {rank}] " + check_renderer(device, backend), flush=True)
+            except SystemExit as e:
+                error = str(e.code)
+        common.barrier()
+    common.stop_together(error)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The three 3D terms
 
@@ -465,20 +479,6 @@ def s_meta(critics, lf, prompt, angle=DEFAULTS["meta_angle"]):
     view = meta_camera(lf.c2w, lf.depth, angle)
     rgb, _ = render(lf.gaussians, torch.linalg.inv(view)[None], lf.K[len(lf.K) // 2][None], h, w)
     return qwen_grade(critics, rgb[0].permute(2, 0, 1), prompt)
-
-
-def umeyama(src, dst, with_scale=True):
-    """Least-squares similarity dst ~ s R src + t (Umeyama 1991). src, dst (N, 3) -> (s, R (3,3), t (3,)).
-    A degenerate src (all points equal) gives s = 1."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d
-    U, D, Vt = torch.linalg.svd(xd.T @ xs / len(src))
-    S = torch.ones(3, dtype=src.dtype, device=src.device)
-    S[2] = torch.sign(torch.linalg.det(U) * torch.linalg.det(Vt))  # a rotation, never a reflection
-    R = U @ torch.diag(S) @ Vt
-    var = (xs ** 2).sum(1).mean()
-    s = (D * S).sum() / var if with_scale and var > 1e-12 else torch.ones((), dtype=src.dtype, device=src.device)
-    return s, R, mu_d - s * R @ mu_s
 
 
 def _relative(c2w):

@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 
 import torch
@@ -104,7 +103,8 @@ p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this man
 p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
 p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
                help="Gaussian rasterizer: auto = gsplat on CUDA (built and checked at start-up), torch elsewhere")
-p.add_argument("--lift_res", type=int, default=None, help="Depth Anything 3 input size, longest side")
+p.add_argument("--lift_res", type=int, default=None,
+               help="Depth Anything 3 input size, longest side (default: the size's)")
 for name, (default, what) in reward.SETTINGS.items():
     p.add_argument(f"--{name}", type=type(default), default=default, help=what)
 p.add_argument("--zero_advantages", action="store_true", help="control run: advantages forced to 0")
@@ -172,23 +172,6 @@ FIXED_ON_RESUME = ("size", "model", "random_weights", "depth", "frames", "height
 OPTIMIZER_ON_RESUME = ("lr", "weight_decay")
 
 
-def stop_together(message):
-    """Collective: if any rank has an error message, every rank stops with the first one (none is left waiting in a
-    collective). Returns when no rank has one."""
-    messages = [message]
-    if dist.is_initialized():
-        messages = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, message)
-    for m in messages:
-        if m:
-            raise SystemExit(m if m.startswith("error") else "error: " + m)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 args = parse_config(sys.argv[1:])
 rank, local_rank, world, device = common.setup_dist()
 master = rank == 0
@@ -212,47 +195,10 @@ if transitions_per_rank < args.updates_per_epoch:
 for line in sample.camera_warnings(train_prompts, args.warp_mode):
     sample.warn(line)
 
-# The run folder: one run owns it (lock), a fresh run never mixes into an old one, every rank sees the same folder,
-# and a resumed run checks its checkpoint and config before any model loads.
-error, resume_from, saved, lock = "", None, None, None
-if master:
-    try:
-        common.check_writable_dir(args.out_dir, "--out_dir")
-        lock = checkpoint.RunLock(args.out_dir)  # held until this process exits
-        if args.resume:
-            resume_from, saved = checkpoint.find_resumable(args.out_dir)
-            changed = [k for k in FIXED_ON_RESUME if saved["config"].get(k) != getattr(args, k)]
-            if changed:
-                common.fail("--resume with settings the checkpoint cannot take: " + ", ".join(
-                    f"--{k}={getattr(args, k)} (checkpoint: {saved['config'].get(k)})" for k in changed)
-                            + "; drop them or start a fresh run in another --out_dir")
-        elif checkpoint.holds_a_run(args.out_dir):
-            if not args.overwrite:
-                common.fail(f"{args.out_dir} already holds a run; pass --resume to continue it, --overwrite to move it "
-                            "aside and start fresh, or pick another --out_dir")
-            print0(f"moved the previous run to {checkpoint.move_aside(args.out_dir)}")
-        with open(os.path.join(args.out_dir, ".run_token"), "w") as f:
-            f.write(token := uuid.uuid4().hex)
-    except SystemExit as e:
-        error = str(e.code)
-        if lock is not None:
-            lock.release()
-stop_together(error)
-shared = [token if master else None, resume_from, saved]
-if dist.is_initialized():
-    dist.broadcast_object_list(shared, src=0)
-token, resume_from, saved = shared
-try:
-    with open(os.path.join(args.out_dir, ".run_token")) as f:
-        error = "" if f.read() == token else "a different token"
-except OSError:
-    error = "no token"
-stop_together(error and f"rank {rank} sees {error} in --out_dir={args.out_dir}: every rank must write to the same "
-                        "folder; put --out_dir on a filesystem all nodes share")
-if saved is not None:
-    for k in (k for k in saved["config"] if k in vars(args) and k not in FIXED_ON_RESUME  # a removed flag: ignored
-              and saved["config"][k] != vars(args)[k]):
-        print0(f"resume: --{k} changes from {saved['config'][k]} to {vars(args).get(k)}")
+# The run folder: one run owns it (the lock, held until this process exits), a fresh run never mixes into an old one,
+# every rank sees the same folder, and a resumed run checks its checkpoint and config before any model loads.
+lock, resume_from, saved = checkpoint.claim(args.out_dir, vars(args), resume=args.resume, overwrite=args.overwrite,
+                                            fixed=FIXED_ON_RESUME)
 print0(json.dumps(vars(args), indent=1))
 print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} videos = "
        f"{groups_per_step * args.group_size} videos per step; {transitions_per_rank} window transitions per rank "
@@ -273,7 +219,7 @@ if args.full_finetune:
 else:
     from peft import LoraConfig
     policy.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 if args.grad_checkpointing:
     policy.enable_gradient_checkpointing()
 trainable = {n: prm for n, prm in policy.named_parameters() if prm.requires_grad}
@@ -319,16 +265,9 @@ if args.reward == "world":
         critics = models.random_reward_models(device, dtype, depth=args.depth, process_res=args.lift_res)
     else:
         critics = models.load_reward_models(args.size, device, dtype, process_res=args.lift_res)
-    error = ""
-    for turn in (0, 1):  # local rank 0 builds gsplat's CUDA kernels first; the others then load the finished build
-        if (local_rank == 0) == (turn == 0):
-            try:
-                print(f"[rank {rank}] " + reward.check_renderer(device, args.renderer), flush=True)
-            except SystemExit as e:
-                error = str(e.code)
-        barrier()
-    stop_together(error)
-sigmas = sample.flow_sigmas(args.steps, wan.scheduler.config.flow_shift)
+    reward.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
+sigmas = sample.flow_sigmas(args.steps, wan.scheduler.config.flow_shift)  # the rollouts' (Euler + SDE window)
+eval_sigmas = sample.flow_sigmas(args.eval_steps, wan.scheduler.config.flow_shift)  # the eval's (UniPC)
 shape = sample.latent_shape(args.frames, args.height, args.width)
 
 
@@ -455,8 +394,8 @@ def run_eval(step):
             gen = torch.Generator(device).manual_seed(args.seed + i)  # same noise at every eval: curves compare
             noise, inject, motions = sample.camera_noise(prompt, shape, gen, args.warp_mode, args.warp_strength,
                                                          device=device)
-            lat, _ = sample.denoise(policy, noise, embed([prompt]), uncond, sample.flow_sigmas(args.eval_steps, wan.scheduler.config.flow_shift),
-                                    args.guidance, scheduler=wan.scheduler, inject=inject)
+            lat, _ = sample.denoise(policy, noise, embed([prompt]), uncond, eval_sigmas, args.guidance,
+                                    scheduler=wan.scheduler, inject=inject)
             if i >= len(test_prompts):
                 continue
             video = sample.decode(wan.vae, lat)
@@ -521,7 +460,7 @@ for step in range(start, args.max_steps):
     failing = [k for k, n in counts.items() if k.endswith(" failed") and n == len(reasons) > 1]
     if failing and not error:
         error = f"{', '.join(failing)} on every video of step {step} (e.g. {reasons[0][:300]})"
-    stop_together(error and error + f"; stopping. The last checkpoint in {args.out_dir} is intact")
+    common.stop_together(error and error + f"; stopping. The last checkpoint in {args.out_dir} is intact")
     rewards, bad = torch.cat(totals).to(device), torch.cat(bads).to(device)
     group_ids = torch.arange(len(batch), device=device).repeat_interleave(args.group_size)
     filled = grpo.fill_bad(rewards, bad, group_ids)
@@ -583,7 +522,7 @@ for step in range(start, args.max_steps):
     nonfinite = sum("not finite" in r for r in reasons)
     if nonfinite:  # a NaN/inf reward is named by reward.score; it was scored as a bad video, and counts here
         bad_steps += 1
-    stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards; stopping. The last checkpoint "
+    common.stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards; stopping. The last checkpoint "
                   f"in {args.out_dir} is intact (lower --lr or check the rewards)" if bad_steps >= args.max_bad_steps
                   else "")
     t3 = time.time()

@@ -20,23 +20,23 @@ import sample  # noqa: E402
 def main(out, cast):
     rank, _, _, device = common.setup_dist()
     wan = models.load_wan(None, device, torch.bfloat16)  # tiny, bf16 except Wan's fp32 modules
-    tr = wan.transformer
+    transformer = wan.transformer
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 3, 8, 8, generator=g)
     cond, uncond = torch.randn(2, 2, 16, 32, generator=g).to(torch.bfloat16)
     sigma = torch.tensor([0.9371, 0.5123])  # 1000 σ = 937.1 and 512.3: not representable in bf16
-    ref = sample.velocity(tr, x, sigma, cond, uncond, 5.0)
+    ref = sample.velocity(transformer, x, sigma, cond, uncond, 5.0)
 
     seen = {}
-    sharded = tr
+    sharded = transformer
     if cast:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in tr.blocks:
+        for block in transformer.blocks:
             fully_shard(block, mp_policy=mp)
-        fully_shard(tr, mp_policy=mp)
+        fully_shard(transformer, mp_policy=mp)
     else:
-        common.shard_fsdp(tr, tr.blocks)
+        common.shard_fsdp(transformer, transformer.blocks)
     sharded.condition_embedder.timesteps_proj.register_forward_hook(
         lambda m, inp, out: seen.update(t=inp[0].detach().float().tolist(), dtype=str(inp[0].dtype)))
     sharded.condition_embedder.time_embedder.register_forward_pre_hook(

@@ -32,12 +32,12 @@ def test_flop_formula_matches_torch_flop_counter():
     the attention matmuls), with a short prompt so the cross-attention the formula leaves out is negligible."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    tr = models.build_tiny(0).transformer
+    transformer = models.build_tiny(0).transformer
     for shape in ((16, 5, 32, 32), (16, 9, 32, 32)):  # 1280 and 2304 tokens: the quadratic term matters
-        cond = torch.randn(1, 16, tr.config.text_dim)
+        cond = torch.randn(1, 16, transformer.config.text_dim)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            sample.velocity(tr, torch.randn(1, *shape), 0.5, cond, cond, 5.0)
-        formula = bench.transformer_flops(tr, bench.tokens_of(shape, tr), 2)
+            sample.velocity(transformer, torch.randn(1, *shape), 0.5, cond, cond, 5.0)
+        formula = bench.transformer_flops(transformer, bench.tokens_of(shape, transformer), 2)
         assert formula == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 

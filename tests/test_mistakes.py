@@ -170,14 +170,14 @@ def write_lora(folder):
     from diffusers import WanPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    tr = models.build_tiny().transformer
-    tr.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+    transformer = models.build_tiny().transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
-        for name, p in tr.named_parameters():
+        for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    sd = get_peft_model_state_dict(tr)
+    sd = get_peft_model_state_dict(transformer)
     WanPipeline.save_lora_weights(str(folder), transformer_lora_layers=sd)
     return {f"transformer.{k}": v for k, v in sd.items()}
 

@@ -293,8 +293,8 @@ def test_slow_flow_moves():
 @pytest.mark.parametrize("prompt", ["pan left", "push in", "orbit left", "move left, pull out, then pan left"])
 def test_output_is_normal(prompt):
     # raw transported noise (warp_scale 1 is no binning): the last frame of 16 x 128 x 128 values
-    raw = nw.warped_noise(prompt, (16, 5, 128, 128), gen(), warp_scale=1, degradation=0)
-    assert_normal(raw[:, -1])
+    unbinned = nw.warped_noise(prompt, (16, 5, 128, 128), gen(), warp_scale=1, degradation=0)
+    assert_normal(unbinned[:, -1])
     # binned read-out: fails without re-Gaussianisation (copies in one bin add their variances coherently)
     binned = nw.warped_noise(prompt, (16, 5, 80, 80), gen(1), warp_scale=2, degradation=0)
     assert_normal(binned[:, -1])

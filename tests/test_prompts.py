@@ -43,9 +43,9 @@ def files():
     out = {}
     for split in SPLITS:
         with open(os.path.join(PROMPTS, f"{split}.txt"), "rb") as f:
-            raw = f.read()
-        assert b"\r" not in raw and raw.endswith(b"\n"), f"{split}.txt: '\\n' line endings, final newline"
-        out[split] = raw.decode("utf-8").split("\n")[:-1]
+            data = f.read()
+        assert b"\r" not in data and data.endswith(b"\n"), f"{split}.txt: '\\n' line endings, final newline"
+        out[split] = data.decode("utf-8").split("\n")[:-1]
     return out
 
 

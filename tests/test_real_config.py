@@ -27,12 +27,12 @@ def test_compute_dtype_is_the_patch_embedding_not_the_first_parameter():
     """Diffusers keeps scale_shift_table (the first parameter) in fp32 in a bf16 Wan: reading the dtype from it fed
     fp32 latents to the bf16 patch embedding (RuntimeError: Input type (float) and bias type (c10::BFloat16))."""
     wan = models.load_wan(None, torch.device("cpu"), torch.bfloat16)
-    tr = wan.transformer
-    assert next(tr.parameters()).dtype == torch.float32  # the trap
-    assert models.compute_dtype(tr) == torch.bfloat16
+    transformer = wan.transformer
+    assert next(transformer.parameters()).dtype == torch.float32  # the trap
+    assert models.compute_dtype(transformer) == torch.bfloat16
     x = torch.randn(1, 16, 3, 8, 8)
     cond, uncond = sample.encode(wan, ["Camera pan left. a red car", ""], 16).float().chunk(2)  # fp32 text in
-    v = sample.velocity(tr, x, 0.9, cond, uncond, 5.0)
+    v = sample.velocity(transformer, x, 0.9, cond, uncond, 5.0)
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
 
 

@@ -89,10 +89,10 @@ def test_wan_real_shapes_save_load_and_one_step(tmp_path):
     for part, fp in before.items():
         assert fingerprint(getattr(wan, part)) == fp, part  # same keys, shapes, dtypes and values
     # dtypes: transformer in bf16 but the modules diffusers keeps in fp32; UMT5 bf16; VAE fp32
-    tr = wan.transformer
-    assert tr.dtype == BF16
-    keep = tr._keep_in_fp32_modules
-    for name, p in tr.named_parameters():
+    transformer = wan.transformer
+    assert transformer.dtype == BF16
+    keep = transformer._keep_in_fp32_modules
+    for name, p in transformer.named_parameters():
         assert p.dtype == (torch.float32 if any(k in name.split(".") for k in keep) else BF16), name
     assert {p.dtype for p in wan.text_encoder.parameters()} == {BF16}
     assert {p.dtype for p in wan.vae.parameters()} == {torch.float32}
@@ -101,13 +101,13 @@ def test_wan_real_shapes_save_load_and_one_step(tmp_path):
     n = wan.tokenizer(PROMPT).input_ids
     assert emb.shape == (2, 512, 4096) and emb.dtype == BF16 and torch.isfinite(emb).all()
     assert (emb[0, len(n):] == 0).all() and (emb[0, :len(n)] != 0).any(dim=-1).all()
-    cond, uncond = emb.to(tr.dtype).chunk(2)
+    cond, uncond = emb.to(transformer.dtype).chunk(2)
 
     shape = sample.latent_shape(FRAMES, HEIGHT, WIDTH)
     assert shape == (16, 5, 16, 28)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        v = sample.velocity(tr, x, 0.5, cond, uncond, 5.0)
+        v = sample.velocity(transformer, x, 0.5, cond, uncond, 5.0)
     assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all() and v.std() > 0
 
     video = sample.decode(wan.vae, x)
