@@ -481,7 +481,7 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3=CRITICS["da3"]
     DA3 keeps fp32 weights and runs under bf16 autocast on CUDA like its own inference (its heads run in fp32
     inside), in plain fp32 on CPU; LPIPS is fp32. process_res: DA3's input size (default: the size's lift_res)."""
     if size not in SIZES:
-        raise ValueError(f"reward size {size!r}: choose {', '.join(SIZES)}")
+        raise ValueError(f"reward size {size!r}: choose {', '.join(list(SIZES)[:-1])} or {list(SIZES)[-1]}")
     import lpips
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
