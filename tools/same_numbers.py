@@ -12,6 +12,8 @@ import sys
 
 TIMING = ("t_rollout", "t_reward", "t_train")  # wall-clock seconds: never equal twice
 PATHS = ("ckpt", "lora_dir")  # where the checkpoint was: differs with the run folder
+REMOVED = ("reward_size",)  # config keys of removed flags (--reward_size restated --size): an older run has them
+USAGE = "usage: python tools/same_numbers.py RUN_A RUN_B EVAL_A EVAL_B"
 
 
 def metrics_differences(run_a, run_b):
@@ -49,8 +51,8 @@ def results_differences(eval_a, eval_b, removed=()):
 
 if __name__ == "__main__":
     if len(sys.argv) != 5:
-        raise SystemExit(__doc__.strip().splitlines()[2].strip())
+        raise SystemExit(USAGE)
     run_a, run_b, eval_a, eval_b = sys.argv[1:]
-    diffs = metrics_differences(run_a, run_b) + results_differences(eval_a, eval_b, removed=("reward_size",))
+    diffs = metrics_differences(run_a, run_b) + results_differences(eval_a, eval_b, removed=REMOVED)
     print("\n".join(diffs) if diffs else "same numbers: metrics.jsonl (timings aside) and results.json (paths aside)")
     sys.exit(1 if diffs else 0)
