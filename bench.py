@@ -221,7 +221,8 @@ def main(argv):
         if not getattr(transformer, "peft_config", None):
             transformer.add_adapter(LoraConfig(r=32 if args.size != "tiny" else 8,
                                                lora_alpha=64 if args.size != "tiny" else 16,
-                                               init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                               init_lora_weights="gaussian",
+                                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         xb, xn = x.expand(1, -1, -1, -1, -1), x.expand(1, -1, -1, -1, -1) * 0.99
 
         def micro_step():

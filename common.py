@@ -88,7 +88,8 @@ def check_choices(values, valid, flag, what="one of"):
     """Every value must be in `valid`; the first that is not stops with the closest valid names and the list."""
     for value in values:
         if value not in valid:
-            fail(f"{flag}: unknown value {value!r}" + did_you_mean(value, valid) + f" (valid: {what} {', '.join(valid)})")
+            fail(f"{flag}: unknown value {value!r}" + did_you_mean(value, valid)
+                 + f" (valid: {what} {', '.join(valid)})")
 
 
 def check_text(text, flag):

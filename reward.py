@@ -252,7 +252,8 @@ def _render_gsplat(gauss, viewmats, Ks, H, W):
     colors, deg = (gauss["sh"], math.isqrt(gauss["sh"].shape[1]) - 1) if "sh" in gauss else (gauss["colors"], None)
     out, alpha, _ = rasterization(f32(gauss["means"]), f32(gauss["quats"]), f32(gauss["scales"]),
                                   f32(gauss["opacities"]), f32(colors), f32(viewmats), f32(Ks), W, H,
-                                  near_plane=0.01, eps2d=0.3, sh_degree=deg, packed=False, render_mode="RGB+ED", rasterize_mode="classic")
+                                  near_plane=0.01, eps2d=0.3, sh_degree=deg, packed=False, render_mode="RGB+ED",
+                                  rasterize_mode="classic")
     return out[..., :3], alpha, out[..., 3:]
 
 

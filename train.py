@@ -437,9 +437,9 @@ for step in range(start, args.max_steps):
             window_start = int(torch.randint(0, args.steps // 2 - args.sde_window + 1, (1,), generator=gen,
                                              device=device))
             latents, window = sample.rollout(policy, cond, uncond, noise, sigmas, args.guidance,
-                                                  group_size=args.group_size, window_start=window_start,
-                                                  window_size=args.sde_window, noise_level=args.noise_level,
-                                                  sde_noise=args.sde_noise, generator=gen, inject=inject)
+                                             group_size=args.group_size, window_start=window_start,
+                                             window_size=args.sde_window, noise_level=args.noise_level,
+                                             sde_noise=args.sde_noise, generator=gen, inject=inject)
             batch.append(dict(prompt=prompt, cond=cond, window=window, latents=latents,
                               videos=sample.decode(wan.vae, latents),
                               path=noise_warp.requested_path(motions, args.frames)))
@@ -522,9 +522,9 @@ for step in range(start, args.max_steps):
     nonfinite = sum("not finite" in r for r in reasons)
     if nonfinite:  # a NaN/inf reward is named by reward.score; it was scored as a bad video, and counts here
         bad_steps += 1
-    common.stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards; stopping. The last checkpoint "
-                  f"in {args.out_dir} is intact (lower --lr or check the rewards)" if bad_steps >= args.max_bad_steps
-                  else "")
+    common.stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards; stopping. The last "
+                         f"checkpoint in {args.out_dir} is intact (lower --lr or check the rewards)"
+                         if bad_steps >= args.max_bad_steps else "")
     t3 = time.time()
 
     # 4. Log (means over ranks), eval, checkpoint
