@@ -71,7 +71,8 @@ TINY_WORDS = (
 
 def build_tiny(seed=0):
     """A Wan2.1-architecture model with random weights, built in code (no download): ~40k-param transformer,
-    ~70k-param VAE, ~23k-param UMT5 and an in-memory T5 tokenizer. Same seed, same weights."""
+    ~70k-param VAE (its brightness following latent channel 0: `show_latent_brightness`), ~23k-param UMT5 and an
+    in-memory T5 tokenizer. Same seed, same weights."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
@@ -84,8 +85,8 @@ def build_tiny(seed=0):
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+    vae = show_latent_brightness(AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                  temperal_downsample=[False, True, True]).eval())
     torch.manual_seed(seed + 2)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -96,6 +97,32 @@ def build_tiny(seed=0):
                                         solver_order=2, solver_type="bh2", predict_x0=True,
                                         lower_order_final=True, final_sigmas_type="zero")
     return Wan(tokenizer, text_encoder, transformer, vae, scheduler)
+
+
+@torch.no_grad()
+def show_latent_brightness(vae, gain=3.0, texture=0.3):
+    """Give the random tiny VAE what a trained one has: pixels that follow the latents. A random Wan decoder
+    normalises each position's features over channels (RMS norm), so shifting a latent channel barely moves the
+    decoded colour (~0.003 per unit) and no pixel reward gives the policy a direction to learn. Here latent
+    channel 0 is carried through the decoder (one centre tap per layer, `gain` at the input) onto all three
+    colours: brightness rises steadily with it (~0.1 per unit), while the random layers, scaled by `texture`,
+    keep a spatial pattern for the critics to see. Returns `vae`, changed in place."""
+    dec = vae.decoder
+    vae.post_quant_conv.weight[0, 0, -1, 0, 0] += gain  # causal 3-D convs: the last temporal tap is the frame itself
+    dec.conv_in.weight[0, 0, -1, 1, 1] += gain
+    for block in dec.up_blocks:
+        for res in block.resnets:  # identity shortcuts carry channel 0 already; the 1x1 ones need a tap
+            if not isinstance(res.conv_shortcut, nn.Identity):
+                res.conv_shortcut.weight[0, 0, -1, 0, 0] += 1
+        for up in block.upsamplers or []:
+            up.resample[1].weight[0, 0, 1, 1] += 1
+            if hasattr(up, "time_conv"):  # doubles the frames: output channels [0, C) and [C, 2C) are the two
+                half = up.time_conv.weight.shape[0] // 2
+                up.time_conv.weight[0, 0, -1, 0, 0] += 1
+                up.time_conv.weight[half, 0, -1, 0, 0] += 1
+    dec.conv_out.weight.mul_(texture)
+    dec.conv_out.weight[:, 0, -1, 1, 1] += 1
+    return vae
 
 
 def save_pretrained(wan, folder):
