@@ -2,7 +2,7 @@
 World-R1: reinforcement learning that makes Wan2.1 produce 3D-consistent video (Flow-GRPO-Fast + 3D rewards).
 Imports common, models, sample, reward, grpo, noise_warp and checkpoint; nothing imports it.
 
-    python train.py --size=tiny                                          # CPU demo: random tiny models, ~30 s
+    python train.py --size=tiny                                          # CPU demo: random tiny models, ~20 s
     torchrun --standalone --nproc_per_node=8 train.py --size=small       # Wan2.1-T2V-1.3B, LoRA, DDP, H200s
     torchrun --nnodes=12 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
         train.py --size=large                                            # Wan2.1-T2V-14B, LoRA, FSDP2
