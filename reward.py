@@ -330,33 +330,43 @@ def _render_torch(gauss, viewmats, Ks, H, W, max_pairs=1 << 22):
     return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)
 
 
-def synthetic_scene(n=2000, device="cpu", seed=0):
-    """A small random scene of coloured Gaussians 2-4 units in front of an identity camera, and 3 cameras (w2c)
-    looking at it from a few degrees apart, with a 64x64 pinhole K. For renderer checks."""
+SH_C0 = 0.28209479177387814  # the degree-0 spherical-harmonic basis, 1 / (2 sqrt(pi)): colour = SH_C0 * c + 0.5
+
+
+def synthetic_scene(n=2000, device="cpu", seed=0, sh_degree=2):
+    """A small random scene for renderer checks: n Gaussians 2-4 units in front of the origin, coloured as DA3's
+    Gaussian head colours them, by degree-2 spherical harmonics (N, 9, 3): the DC band gives 0.2-0.8, every higher
+    band is non-zero (uniform in +-0.3), so each Gaussian's colour depends on the direction it is seen from. Three
+    cameras (w2c) orbit the scene's centre 10 degrees apart (each from its own position), 64x64 pinhole K."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.rand(n, 3, generator=gen) * torch.tensor([2.0, 2.0, 2.0]) + torch.tensor([-1.0, -1.0, 2.0])
     quats = F.normalize(torch.randn(n, 4, generator=gen), dim=-1)
+    k = (sh_degree + 1) ** 2
+    sh = (torch.rand(n, k, 3, generator=gen) - 0.5) * 0.6  # (N, K, 3)
+    sh[:, 0] = (torch.rand(n, 3, generator=gen) * 0.6 - 0.3) / SH_C0
     gs = dict(means=means, quats=quats, scales=torch.rand(n, 3, generator=gen) * 0.03 + 0.01,
-              opacities=torch.rand(n, generator=gen) * 0.5 + 0.4, colors=torch.rand(n, 3, generator=gen))
-    w2c = torch.eye(4).repeat(3, 1, 1)
-    for i, deg in enumerate((-4.0, 0.0, 4.0)):
+              opacities=torch.rand(n, generator=gen) * 0.5 + 0.4, sh=sh)
+    centre, c2w = torch.tensor([0.0, 0.0, 3.0]), torch.eye(4).repeat(3, 1, 1)
+    for i, deg in enumerate((-10.0, 0.0, 10.0)):
         a = math.radians(deg)
-        w2c[i, :3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        c2w[i, :3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        c2w[i, :3, 3] = centre - c2w[i, :3, 2] * 3.0  # 3 units back along its optical axis from the centre
     K = torch.tensor([[60.0, 0, 32], [0, 60.0, 32], [0, 0, 1]]).repeat(3, 1, 1)
-    return {k: v.to(device) for k, v in gs.items()}, w2c.to(device), K.to(device)
+    return {k: v.to(device) for k, v in gs.items()}, torch.linalg.inv(c2w).to(device), K.to(device)
 
 
 def check_renderer(device, backend="auto"):
     """Build the renderer this process will use and prove it on a synthetic scene, before any training step.
-    On CUDA with gsplat: its kernels are compiled on first use (torch's JIT, needs nvcc), then its render must
-    match our torch rasterizer at PSNR > 40 dB. Sets RENDERER; returns a one-line summary; any failure stops the
-    run with a line saying what to do (a reward with a broken renderer would train on zeros)."""
+    The reference is our torch rasterizer on the CPU (float64 compositing; tests/test_reward.py checks it against a
+    dense reference), with view-dependent degree-2 SH colour as every real reward renders. On CUDA the renderer the
+    run will use (gsplat, whose kernels are compiled on first use by torch's JIT and need nvcc; or the torch path
+    with --renderer=torch) must match it at PSNR > 40 dB. Sets RENDERER; returns a one-line summary; any failure
+    stops the run with a line saying what to do (a reward with a broken renderer would train on zeros)."""
     global RENDERER
     device = torch.device(device)
     if backend == "gsplat" and device.type != "cuda":
         raise SystemExit("error: --renderer=gsplat needs a CUDA device; use --renderer=torch (or auto) on a CPU")
-    use_gsplat = device.type == "cuda" and backend in ("auto", "gsplat")
-    gs, w2c, K = synthetic_scene(device=device)
+    gs, w2c, K = synthetic_scene()
     try:
         ref, _ = render(gs, w2c, K, 64, 64, backend="torch")
     except Exception as e:  # the per-run boundary: a renderer that cannot run must stop the run, with the reason
@@ -364,39 +374,48 @@ def check_renderer(device, backend="auto"):
                          f"{str(e)[:200]})") from None
     if not bool(torch.isfinite(ref).all()) or float(ref.amax()) <= 0:
         raise SystemExit("error: the torch Gaussian rasterizer rendered an empty or non-finite synthetic scene")
-    if not use_gsplat:
+    if device.type != "cuda":
         RENDERER = "torch"
-        return "renderer: torch rasterizer (checked on a synthetic scene)"
+        return "renderer: torch rasterizer (checked on a synthetic scene of degree-2 SH Gaussians)"
+    name = "gsplat" if backend in ("auto", "gsplat") else "torch"
     try:
         t0 = time.time()
-        out, _ = render(gs, w2c, K, 64, 64, backend="gsplat")
+        out, _ = render({k: v.to(device) for k, v in gs.items()}, w2c.to(device), K.to(device), 64, 64, backend=name)
         torch.cuda.synchronize(device)
         seconds = time.time() - t0
     except Exception as e:  # ImportError, a failed nvcc build, a CUDA error: all mean "no gsplat here"
+        if name == "torch":
+            raise SystemExit(f"error: the torch Gaussian rasterizer failed on {device} ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
         raise SystemExit(f"error: gsplat could not render ({type(e).__name__}: {str(e)[:200]}); install a CUDA "
                          "toolkit (nvcc) that matches torch's CUDA so gsplat can build its kernels, or pass "
                          "--renderer=torch") from None
-    mse = float(((out.clamp(0, 1) - ref.clamp(0, 1)) ** 2).mean())
+    mse = float(((out.cpu().clamp(0, 1) - ref.clamp(0, 1)) ** 2).mean())
     psnr = 10 * math.log10(1 / max(mse, 1e-12))
     if psnr <= 40:
-        raise SystemExit(f"error: gsplat and the torch rasterizer disagree on a synthetic scene (PSNR {psnr:.1f} dB "
-                         "<= 40); check the gsplat build, or pass --renderer=torch")
-    RENDERER = "gsplat"
-    return f"renderer: gsplat, matches the torch rasterizer at {psnr:.1f} dB (first call incl. build {seconds:.1f} s)"
+        raise SystemExit(f"error: {name} on {device} and the torch rasterizer on the CPU disagree on a synthetic scene "
+                         f"(PSNR {psnr:.1f} dB <= 40); check the gsplat build, or pass --renderer=torch")
+    RENDERER = name
+    return (f"renderer: {name}, matches the torch rasterizer at {psnr:.1f} dB on degree-2 SH Gaussians (first call"
+            f"{' incl. build' if name == 'gsplat' else ''} {seconds:.1f} s)")
 
 
 def check_renderer_on_every_rank(device, backend, rank, local_rank):
-    """Collective check_renderer: local rank 0 first (it builds gsplat's CUDA kernels), then the other ranks (they
-    load the finished build). A failure on any rank stops every rank with its line."""
-    error = ""
-    for turn in (0, 1):
-        if (local_rank == 0) == (turn == 0):
+    """Collective check_renderer in three turns, so that at most one process builds gsplat's CUDA kernels in any one
+    extensions folder (gsplat deletes a build folder that holds no finished library, so two builders in one folder
+    destroy each other's work): global rank 0 first; then the first rank of every other node (where
+    TORCH_EXTENSIONS_DIR is shared by all nodes, a home directory say, they only load rank 0's build; where it is
+    node-local, each builds its node's once); then every other rank (they load their node's build). A failure on
+    any rank stops every rank with its line at the end of that turn."""
+    turn = 0 if rank == 0 else 1 if local_rank == 0 else 2
+    for t in range(3):
+        error = ""
+        if t == turn:
             try:
                 print(f"[rank {rank}] " + check_renderer(device, backend), flush=True)
             except SystemExit as e:
                 error = str(e.code)
-        common.barrier()
-    common.stop_together(error)
+        common.stop_together(error)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -155,17 +155,71 @@ def test_single_gaussian_lands_on_its_analytic_pixel():
     assert torch.allclose(reward.render(sh, view[None], K[None], 64, 64)[0], rgb, atol=1e-12)
 
 
+def random_sh(n, gen, degree=2, dtype=torch.float32):
+    """(N, K, 3) SH coefficients: DC colours 0.2-0.8, every higher band non-zero (+-0.3)."""
+    sh = (torch.rand(n, (degree + 1) ** 2, 3, generator=gen, dtype=dtype) - 0.5) * 0.6
+    sh[:, 0] = (torch.rand(n, 3, generator=gen, dtype=dtype) * 0.6 - 0.3) / reward.SH_C0
+    return sh
+
+
+def psnr(a, b):
+    return 10 * math.log10(1 / float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean()))
+
+
+def test_sh_colour_is_seen_from_each_camera_centre():
+    """One small Gaussian with degree-2 SH seen by two cameras at different positions: its peak colour is
+    (opacity-weighted) SH_2(mean - camera centre) + 0.5, the direction from each camera's own centre (gsplat's rule),
+    and the two views' colours differ."""
+    from gsplat.cuda._torch_impl import _spherical_harmonics
+    gen = torch.Generator().manual_seed(5)
+    mean = torch.tensor([[0.1, -0.05, 3.0]], dtype=torch.float64)
+    g = dict(means=mean, quats=torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
+             scales=torch.full((1, 3), 0.2, dtype=torch.float64), opacities=torch.tensor([0.9], dtype=torch.float64),
+             sh=random_sh(1, gen, dtype=torch.float64))
+    c2w = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    c2w[1, :3, :3] = rot_y(math.radians(40))
+    c2w[1, :3, 3] = mean[0] - c2w[1, :3, 2] * 3.0  # orbited 40 degrees about the Gaussian
+    rgb, alpha = reward.render(g, torch.linalg.inv(c2w), intrinsics(2, dtype=torch.float64), 64, 64)
+    for c in range(2):
+        expected = _spherical_harmonics(2, mean - c2w[c, :3, 3], g["sh"]).clamp_min(-0.5)[0] + 0.5
+        peak = int(alpha[c, ..., 0].argmax())
+        assert torch.allclose(rgb[c].view(-1, 3)[peak], expected * alpha[c].view(-1)[peak], atol=1e-12)
+    assert (rgb[0].amax((0, 1)) - rgb[1].amax((0, 1))).abs().max() > 0.05
+
+
+def test_renderer_check_scene_has_view_dependent_colour():
+    """reward.synthetic_scene (what check_renderer compares gsplat with) holds degree-2 SH whose higher bands matter:
+    a renderer that dropped them (DC colour only) would score about 26 dB, far under the check's 40."""
+    gs, w2c, K = reward.synthetic_scene()
+    assert gs["sh"].shape == (2000, 9, 3) and (gs["sh"][:, 1:].abs() > 1e-3).float().mean() > 0.98
+    full, alpha = reward.render(gs, w2c, K, 64, 64, backend="torch")
+    dc_only = reward.render(dict(gs, sh=torch.cat([gs["sh"][:, :1], torch.zeros_like(gs["sh"][:, 1:])], 1)), w2c, K,
+                            64, 64, backend="torch")[0]
+    assert psnr(full, dc_only) < 30
+    assert alpha.mean() > 0.3  # the scene fills the views
+    assert len({tuple(torch.linalg.inv(v)[:3, 3].tolist()) for v in w2c}) == 3  # three camera positions
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat needs CUDA")
 def test_gsplat_matches_torch_rasterizer():
-    g = {k: v.float().cuda() for k, v in random_gaussians(500, torch.Generator().manual_seed(2)).items()}
-    views, K = torch.eye(4).repeat(2, 1, 1).cuda(), intrinsics(2, f=60.0).cuda()
+    """gsplat's CUDA kernels (render_mode RGB+ED, sh_degree=2) against our torch rasterizer on the CPU, on Gaussians
+    with random degree-2 SH seen from two camera positions, so view-dependent colour is part of what must agree."""
+    gen = torch.Generator().manual_seed(2)
+    g = {k: v.float() for k, v in random_gaussians(500, gen).items() if k != "colors"}
+    g["sh"] = random_sh(500, gen)
+    views, K = torch.eye(4).repeat(2, 1, 1), intrinsics(2, f=60.0)
     views[1, 0, 3] = 0.2
-    (rgb_a, alpha_a, depth_a) = reward.render(g, views, K, 64, 64, backend="gsplat", with_depth=True)
+    views[1, :3, :3] = rot_y(math.radians(3)).float()
+    (rgb_a, alpha_a, depth_a) = reward.render({k: v.cuda() for k, v in g.items()}, views.cuda(), K.cuda(), 64, 64,
+                                              backend="gsplat", with_depth=True)
     (rgb_b, alpha_b, depth_b) = reward.render(g, views, K, 64, 64, backend="torch", with_depth=True)
+    rgb_a, alpha_a, depth_a = rgb_a.cpu(), alpha_a.cpu(), depth_a.cpu()
     # gsplat stops a pixel at transmittance 1e-4 and accumulates in float32: small differences only
     assert (rgb_a - rgb_b).abs().max() < 2e-3 and (alpha_a - alpha_b).abs().max() < 2e-3
+    assert psnr(rgb_a, rgb_b) > 40
     seen = alpha_b > 0.5
     assert ((depth_a - depth_b).abs() / depth_b)[seen].max() < 1e-3
+    assert "matches the torch rasterizer" in reward.check_renderer(torch.device("cuda"))
 
 
 def test_sh_rotation_is_exact():
