@@ -5,6 +5,7 @@ Imports no project file (torch only); every other script imports it first.
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
 """
 import contextlib
+import datetime
 import difflib
 import importlib.util
 import math
@@ -184,27 +185,46 @@ def build_in(device, dtype):
         torch.set_default_dtype(default)
 
 
-def setup_dist():
+def add_dist_flags(parser):
+    """The two process-wide flags every multi-GPU script takes (train.py, evaluate.py); common.setup_dist uses them."""
+    parser.add_argument("--dist_timeout", type=float, default=60,
+                        help="minutes a rank waits in a collective before the run stops: on a first run other ranks "
+                             "wait while gsplat builds and the weights download (NCCL's own default is 10)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS workspace "
+                             ":4096:8), slower; the CPU is deterministic already (docs/DESIGN.md, Determinism)")
+
+
+def setup_dist(timeout_minutes=60, deterministic=False):
     """torchrun's environment -> (rank, local_rank, world_size, device). A plain `python x.py` is rank 0 of 1.
 
-    nccl on CUDA, gloo on CPU. On CPU each rank gets an even share of the cores (two ranks on two cores would
-    otherwise each spawn two threads and fight).
+    nccl on CUDA, gloo on CPU, both with `timeout_minutes` for every collective (NCCL's default watchdog, 10
+    minutes, would kill ranks that wait at a barrier while one builds gsplat or downloads weights). On CPU each rank
+    gets an even share of the cores (two ranks on two cores would otherwise each spawn two threads and fight).
+    deterministic: torch picks deterministic kernels (flash-attention's deterministic backward, index_add_ without
+    float atomics) and raises on an op that has none; cuBLAS needs its workspace setting before its first call.
     """
+    if not (math.isfinite(timeout_minutes) and timeout_minutes > 0):
+        fail(f"--dist_timeout={timeout_minutes} must be a positive number of minutes")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return 0, 0, 1, device
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=device)
+        torch.distributed.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", timeout=timeout)
     return rank, local_rank, world, device
 
 

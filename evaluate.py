@@ -113,6 +113,7 @@ def build_parser():
                    help="Gaussian rasterizer: auto = gsplat on CUDA (checked at start-up), torch elsewhere")
     p.add_argument("--dino", default=None, help="DINO hub id or folder for subject consistency "
                    "(default facebook/dino-vitb16; facebook/dinov2-base also works)")
+    common.add_dist_flags(p)  # --dist_timeout, --deterministic
     # output
     p.add_argument("--out", default="eval", help="output folder (created)")
     p.add_argument("--curves", default=None, help="run folder whose metrics.jsonl to plot as training curves")
@@ -592,7 +593,7 @@ def plot_curves(path, run_dir, max_panels=16):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, local_rank, world, device = common.setup_dist()
+    rank, local_rank, world, device = common.setup_dist(args.dist_timeout, args.deterministic)
     prompts, t_start = args.prompt_list, time.time()
     mine = list(range(rank, len(prompts), world))  # prompt i on rank i % world, always with seed + i
     common.print0(f"evaluating {len(prompts)} prompts on {world} rank(s): base"

@@ -98,6 +98,7 @@ p.add_argument("--ema_every", type=int, default=1, help="optimizer steps between
 p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="FSDP2 instead of DDP")
 p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="recompute each block's activations in backward (81x480x832 activations outgrow an H200)")
+common.add_dist_flags(p)  # --dist_timeout, --deterministic
 p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite updates in a row")
 # rewards
 p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
@@ -173,7 +174,7 @@ OPTIMIZER_ON_RESUME = ("lr", "weight_decay")
 
 
 args = parse_config(sys.argv[1:])
-rank, local_rank, world, device = common.setup_dist()
+rank, local_rank, world, device = common.setup_dist(args.dist_timeout, args.deterministic)
 master = rank == 0
 print0 = common.print0
 dtype = models.resolve_dtype(args.dtype, device)

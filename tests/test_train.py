@@ -189,11 +189,12 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     (["--resume"], "no complete checkpoint"),
     (["--sde_window=9"], "must fit in the first half"),
     (["--frames=10"], "4k+1"),
+    (["--dist_timeout=0"], "--dist_timeout=0.0 must be a positive number of minutes"),
     (["--wandb"], "pip install wandb"),
     (["--out_dir=" + os.path.abspath(__file__)], "cannot create the folder --out_dir"),  # a file, not a folder
 ])
 def test_bad_config_stops_before_loading_models(tmp_path, monkeypatch, capsys, args, message):
-    """In-process (runpy), so the nine cases share one import of torch and diffusers."""
+    """In-process (runpy), so the cases share one import of torch and diffusers."""
     three = tmp_path / "three.txt"
     three.write_text("a\nb\nc\n")
     args = [a.replace("PROMPTS3", str(three)) for a in args]
