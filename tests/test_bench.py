@@ -68,3 +68,73 @@ def test_tiny_bench_writes_json(tmp_path):
         r["seconds"] > 0 for k, r in rows.items() if "seconds" in r)
     with pytest.raises(SystemExit, match="--size=small"):
         bench.main(["--random_weights"])
+
+
+def test_passes_alone_writes_json(tmp_path):
+    out = tmp_path / "passes.json"
+    bench.main(["--stages", "passes", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["stage"] == "forward passes per sample"
+
+
+def test_a_stage_that_raises_leaves_the_earlier_figures_in_the_json(tmp_path, monkeypatch):
+    """The JSON is on disk after every stage (decode reads it when it fails: step's figures are there already); the
+    failed stage is recorded with its error, the later stages still run, and the script then exits with one line."""
+    out = tmp_path / "bench.json"
+    on_disk = []
+
+    def decode_fails(*a, **k):
+        on_disk.append([r["stage"] for r in json.loads(out.read_text())["rows"]])
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(sample, "decode", decode_fails)
+    with pytest.raises(SystemExit, match="stage decode failed"):
+        bench.main(["--stages", "step,decode,warp", "--repeats", "1", "--json", str(out)])
+    assert on_disk == [["transformer step (CFG)"]]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["transformer step (CFG)", "decode", "camera noise warp"]
+    assert rows[0]["seconds"] > 0 and rows[2]["seconds"] > 0
+    assert rows[1]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+
+
+def test_rollout_on_a_smaller_group_is_scaled_by_forward_passes_and_labelled(tmp_path, monkeypatch):
+    """--rollout_group=2 rolls out groups of 2 and reports the group of 8 as (forwards of 8) / (forwards of 2) times
+    the measured time; at the real size (here: COLD_TOKENS lowered) there is no warm-up run."""
+    groups = []
+    real = sample.rollout
+    monkeypatch.setattr(sample, "rollout", lambda *a, **k: (groups.append(k["group_size"]), real(*a, **k))[1])
+    monkeypatch.setattr(bench, "COLD_TOKENS", 0)
+    out = tmp_path / "bench.json"
+    bench.main(["--stages", "rollout", "--rollout_group", "2", "--repeats", "2", "--json", str(out)])
+    assert groups == [2, 2]  # two timed runs, no warm-up
+    row = json.loads(out.read_text())["rows"][0]
+    ratio = bench.forward_passes(10, 8, 2)[0] / bench.forward_passes(10, 2, 2)[0]
+    assert row["stage"] == "rollout group of 8 (10 steps)" and row["measured_group"] == 2
+    assert row["seconds"] == pytest.approx(row["measured_seconds"] * ratio)
+    assert "measured on a group of 2" in row["note"] and "no warm-up run" in row["note"]
+
+
+def train_presets():
+    """train.py's TRAIN table, read from its source (train.py runs on import): {size: {flag: default}}."""
+    import ast
+    import os
+    tree = ast.parse(open(os.path.join(os.path.dirname(bench.__file__), "train.py")).read())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "TRAIN")
+    return eval(compile(ast.Expression(node.value), "train.py", "eval"), {"dict": dict})
+
+
+@pytest.mark.parametrize("flag, recomputed", [([], False), (["--grad_checkpointing"], True)])
+def test_train_stage_checkpoints_where_train_py_does(tmp_path, monkeypatch, flag, recomputed):
+    """bench's default per size is train.py's preset; with checkpointing on, every block runs twice per micro-step
+    (forward, then recomputed in the backward; a pre-hook, since the recompute stops once it has what it needs)."""
+    assert {size: TRAIN["grad_checkpointing"] for size, TRAIN in train_presets().items()} == bench.TRAIN_CHECKPOINTING
+    calls = []
+    real = models.load_wan
+
+    def load_wan(*a, **k):
+        wan = real(*a, **k)
+        wan.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        return wan
+    monkeypatch.setattr(models, "load_wan", load_wan)
+    out = tmp_path / "bench.json"
+    bench.main(["--stages", "train", "--repeats", "1", "--json", str(out)] + flag)
+    assert json.loads(out.read_text())["rows"][0]["grad_checkpointing"] is recomputed
+    assert len(calls) == (4 if recomputed else 2)  # warm-up + 1 timed micro-step

@@ -54,6 +54,7 @@ MISTAKES = [
     ("evaluate.py", ["--guidance", "nan"], "--guidance=nan must be a number"),
     ("evaluate.py", ["--text_len", "0"], "--text_len=0 must be a positive number"),
     ("evaluate.py", ["--ckpts", "out"], "did you mean --ckpt"),
+    ("evaluate.py", ["--dist_timeout", "-5"], "--dist_timeout=-5.0 must be a positive number of minutes"),
     # noise_warp.py
     ("noise_warp.py", ["--out", "{tmp}/warp"], "--out={tmp}/warp must end in .mp4"),
     ("noise_warp.py", ["--prompt", "Camera zoom in on a lighthouse.", "--out", "{tmp}/w.mp4"],
@@ -65,6 +66,9 @@ MISTAKES = [
     ("bench.py", ["--stages", "bogus"], "--stages: unknown value 'bogus'"),
     ("bench.py", ["--stages", "step,lop"], "did you mean loop?"),
     ("bench.py", ["--repeats", "0"], "--repeats=0 must be a positive number"),
+    ("bench.py", ["--depth", "1"], "--depth cuts the real architectures: use it with --random_weights"),
+    ("bench.py", ["--rollout_group", "0"], "--rollout_group=0 must be a positive number"),
+    ("bench.py", ["--frames", "10"], "--frames=10 must be 4k+1"),
 ]
 
 
