@@ -196,7 +196,7 @@ def main(argv):
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = tokens_of(shape, transformer)
     warm = 0 if tokens >= COLD_TOKENS else 1  # of the multi-step stages
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     result.update(device_name=name, threads=torch.get_num_threads(), matmul_peak_tflops=peak / 1e12,
                   latent=list(shape), tokens=tokens)
 
