@@ -313,7 +313,8 @@ def warped_noise(prompt_or_path, latent_shape, generator, *, warp_scale=WARP_SCA
 
     `prompt_or_path`: a prompt, a list of motion ids, or a (F', 4, 4) path (resampled to F = 4 (T-1) + 1).
     A prompt or list without motion gives plain N(0, 1) noise from `generator` (the release: no warp).
-    Deterministic per generator seed; runs where the generator lives (`device`, if given, must match it).
+    Deterministic per generator seed on the CPU (on CUDA, float index_add_ adds with atomics unless torch's
+    deterministic mode is on); runs where the generator lives (`device`, if given, must match it).
     dither=False: the release's per-frame nearest rounding (departure 2), for ablations.
     """
     C, T, h, w = latent_shape

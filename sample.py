@@ -217,7 +217,8 @@ def decode(vae, latents):
 def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guidance=GUIDANCE, sampler="unipc",
              negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=noise_warp.WARP_SCALE,
              degradation=noise_warp.DEGRADATION, progress=False, embeddings=None):
-    """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed (all draws from one generator).
+    """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed on the CPU (all draws from one generator;
+    on CUDA see docs/DESIGN.md, Determinism).
     embeddings: {prompt: states} from encode_all (holding `prompt` and `negative_prompt`), so a caller that encoded
     its prompts up front can free the text encoder; else the prompt is encoded here."""
     device = next(wan.transformer.parameters()).device
