@@ -114,7 +114,7 @@ def forward_passes(steps, group, window, release=False):
 # tokens x ~217 KiB); with it, ~6 GiB.
 TRAIN_CHECKPOINTING = {"tiny": False, "small": True, "large": True}
 # From this many latent tokens on (832x480x81 has 32,760), the multi-step stages (loop, rollout, release) take minutes
-# per run: they are timed without a warm-up run (their first forward's set-up is under 1% of them).
+# per run: they are timed without a warm-up run (the first forward's one-time set-up is small beside minutes).
 COLD_TOKENS = 8192
 
 
@@ -196,8 +196,9 @@ def main(argv):
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = tokens_of(shape, transformer)
     warm = 0 if tokens >= COLD_TOKENS else 1  # of the multi-step stages
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    result.update(device_name=name, threads=torch.get_num_threads(), matmul_peak_tflops=peak / 1e12,
+    device_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                   else platform.processor() or platform.machine())
+    result.update(device_name=device_name, threads=torch.get_num_threads(), matmul_peak_tflops=peak / 1e12,
                   latent=list(shape), tokens=tokens)
 
     def row(stage, seconds, flops=None, note="", nbytes=None, **extra):
@@ -236,8 +237,8 @@ def main(argv):
     x = torch.randn(1, *shape, device=device)
     sigmas = sample.flow_sigmas(steps, 3.0)
     save()
-    print(f"device {device} ({name}, {torch.get_num_threads()} threads), matmul peak {peak / 1e12:.2f} TFLOP/s, size "
-          f"{args.size}, video {frames}x{height}x{width}, latent {shape}, {tokens} tokens")
+    print(f"device {device} ({device_name}, {torch.get_num_threads()} threads), matmul peak {peak / 1e12:.2f} "
+          f"TFLOP/s, size {args.size}, video {frames}x{height}x{width}, latent {shape}, {tokens} tokens")
 
     if "encode" in stages:
         with stage("encode"):

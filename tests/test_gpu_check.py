@@ -12,10 +12,8 @@ import subprocess
 import sys
 import tarfile
 
+from tools import gpu_check_summary
 from trainrun import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_check_summary  # noqa: E402
 
 
 def assert_within_the_limits(out):
