@@ -1,5 +1,6 @@
 """
-The few things every script needs: the CPU torchvision fix, one-line errors for flags and inputs, torchrun set-up.
+The few things every script needs: the CPU torchvision fix, one-line errors for flags and inputs, files written whole
+and never through a link (and a log reader that survives a cut line), SIGTERM/SIGINT, torchrun set-up.
 Imports no project file (torch only); every other script imports it first.
 
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
