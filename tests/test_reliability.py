@@ -3,7 +3,7 @@ reliability pass (the number in each test's name), each of which failed on the c
 simulated with RLIMIT_FSIZE (every write past N bytes fails with EFBIG, in this process and in ffmpeg alike) or a
 patched os.write; signals are sent by the run to itself at a chosen point, so every test is deterministic.
 
-    python -m pytest -q tests/test_reliability.py            # about 2 minutes on 2 CPU cores
+    python -m pytest -q tests/test_reliability.py            # about 3 minutes on 2 idle CPU cores
 """
 import errno
 import fcntl
