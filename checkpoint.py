@@ -8,11 +8,16 @@ train.py writes and resumes from these; evaluate.py reads them. Layout of out_di
     ckpt_000123/          one complete checkpoint: state.json (step, config), trainable.safetensors, ema.safetensors,
                           optimizer.pt, rng_rank<r>.pt, lora/ (EMA LoRA in the diffusers/peft format) or dcp/ (FSDP)
     metrics.jsonl, eval/  the run's log and eval videos
-A checkpoint is written to ckpt_N.tmp and renamed when complete, so a crash mid-write never harms the last one.
+A checkpoint is written to ckpt_N.tmp and renamed when complete, so a crash mid-write never harms the last one. No
+file here is ever written through a symbolic link: `latest` and `.run_token` are replaced by rename
+(common.write_atomic), `.lock` and metrics.jsonl are opened with O_NOFOLLOW, and a link named like a checkpoint is
+not one of ours.
 """
 import fcntl
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -34,19 +39,35 @@ def folder_name(step):
 
 
 def our_checkpoints(out_dir):
-    """Complete checkpoints train.py wrote in out_dir, oldest first: [(step, path)]. Any other name is the user's."""
+    """Complete checkpoints train.py wrote in out_dir, oldest first: [(step, path)]. Any other name is the user's, and
+    so is a symbolic link, whatever its name (train.py writes folders)."""
     found = []
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         m = CKPT.fullmatch(name)
-        if m and os.path.isfile(os.path.join(out_dir, name, "state.json")):
-            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+        path = os.path.join(out_dir, name)
+        if m and not os.path.islink(path) and os.path.isfile(os.path.join(path, "state.json")):
+            found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def unfinished(out_dir):
+    """Checkpoint folders train.py began and never completed (ckpt_N.tmp: a crash or a full disk mid-write)."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return [os.path.join(out_dir, n) for n in names if n.endswith(".tmp") and CKPT.fullmatch(n.removesuffix(".tmp"))]
 
 
 def holds_a_run(out_dir):
     """True if out_dir already has a run's files (a fresh run must not mix its steps and checkpoints into them)."""
-    files = any(os.path.exists(os.path.join(out_dir, name)) for name in ("latest", "metrics.jsonl"))
-    return os.path.isdir(out_dir) and (files or bool(our_checkpoints(out_dir)))
+    files = any(os.path.lexists(os.path.join(out_dir, name)) for name in ("latest", "metrics.jsonl"))
+    return os.path.isdir(out_dir) and (files or bool(our_checkpoints(out_dir)) or bool(unfinished(out_dir)))
+
+
+def remove_path(path):
+    """Delete a file, a symbolic link (never what it points to) or a folder tree; nothing if there is none."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def move_aside(out_dir):
@@ -61,19 +82,27 @@ def move_aside(out_dir):
 
 class RunLock:
     """An exclusive advisory lock on out_dir/.lock for the life of the process. The kernel drops it when the
-    process dies, however it dies, so a stale .lock file from a killed run never blocks the next one."""
+    process dies, however it dies, so a stale .lock file from a killed run never blocks the next one. A symbolic
+    link at .lock is refused, never followed (the pid would overwrite whatever it points to). `what` and `flag`
+    name the owner and the flag in the refusal (train.py's --out_dir; evaluate.py's --out)."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, what="training run", flag="--out_dir"):
         self.path = os.path.join(out_dir, ".lock")
-        self.file = open(self.path, "a+")
+        try:
+            self.file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644),
+                                  "r+")
+        except OSError as e:
+            raise SystemExit(f"error: {self.path} is a symbolic link; remove it (the lock must be a file of the "
+                             f"folder itself)" if os.path.islink(self.path) else
+                             f"error: cannot open the lock {self.path} ({e.strerror}); pick another {flag}")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip() or "unknown"
             self.file.close()
-            raise SystemExit(f"error: {out_dir} is in use by another training run (pid {holder}); wait for it to "
-                             "finish or pick another --out_dir")
+            raise SystemExit(f"error: {out_dir} is in use by another {what} (pid {holder}); wait for it to "
+                             f"finish or pick another {flag}")
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -83,6 +112,19 @@ class RunLock:
         """Unlock now (a run that refuses to start must not keep the folder locked until the interpreter exits)."""
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
+
+
+def lock_folder(folder, what, flag):
+    """Collective: rank 0 takes `folder`'s RunLock (kept by the caller for the life of the run; None on the other
+    ranks); if it is taken, every rank stops with rank 0's one line."""
+    lock, error = None, ""
+    if _rank() == 0:
+        try:
+            lock = RunLock(folder, what, flag)
+        except SystemExit as e:
+            error = str(e.code)
+    common.stop_together(error)
+    return lock
 
 
 def rotate(out_dir, keep_last, current):
@@ -95,10 +137,7 @@ def rotate(out_dir, keep_last, current):
 
 
 def write_latest(out_dir, folder):
-    tmp = os.path.join(out_dir, "latest.tmp")
-    with open(tmp, "w") as f:
-        f.write(os.path.basename(folder))
-    os.replace(tmp, os.path.join(out_dir, "latest"))
+    common.write_atomic(os.path.join(out_dir, "latest"), os.path.basename(folder))
 
 
 def read_state(folder):
@@ -133,17 +172,101 @@ def _safetensors_problem(path):
         return f"{os.path.basename(path)} is unreadable ({type(e).__name__}: {str(e)[:80]})"
 
 
+def _state_problem(folder, state):
+    """"" or why state.json cannot be trusted: the keys and types train.py writes, and the step its folder is named
+    for (a state.json copied into another step's folder would resume the wrong run there)."""
+    if not isinstance(state, dict):
+        return "state.json is not a JSON object"
+    def count(v, low):  # an int (not a bool) >= low
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    wrong = [k for k, low in (("step", 0), ("ema_updates", 0), ("world", 1)) if not count(state.get(k), low)]
+    wrong += [] if isinstance(state.get("config"), dict) else ["config"]
+    if wrong:
+        return f"state.json has a missing or wrong-typed {', '.join(wrong)}"
+    m = CKPT.fullmatch(os.path.basename(os.path.normpath(folder)))
+    if m and int(m.group(1)) != state["step"]:
+        return f"state.json says step {state['step']} but the folder is named for step {int(m.group(1))}"
+    return ""
+
+
+def _rng_problem(folder, world):
+    """"" or why the RNG states of the `world` ranks that wrote the checkpoint cannot be restored."""
+    size = torch.get_rng_state().numel()
+    for r in range(world):
+        path = os.path.join(folder, f"rng_rank{r}.pt")
+        if not os.path.isfile(path):
+            return f"rng_rank{r}.pt missing"
+        try:
+            rng = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated or garbled: any of several error types
+            return f"rng_rank{r}.pt is unreadable ({type(e).__name__})"
+        if not (isinstance(rng, dict) and torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8
+                and rng["torch"].numel() == size and isinstance(rng.get("cuda"), list)):
+            return f"rng_rank{r}.pt holds no RNG state"
+    return ""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """dcp/.metadata is a pickle (torch.distributed.checkpoint writes it so, and loads it with pickle.load). We read it
+    with only the classes it holds allowed, so a planted file cannot run code: it is refused before dcp sees it."""
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if not (module == "torch.distributed.checkpoint.metadata" and isinstance(
+                getattr(torch.distributed.checkpoint.metadata, name, None), type)
+                or (module, name) in self.ALLOWED
+                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def _dcp_problem(dcp_dir):
+    """"" or why an FSDP checkpoint (torch.distributed.checkpoint) cannot be trusted: its metadata (read with
+    `_MetadataUnpickler`) and every item it lists, read back from its shard file with torch.load(weights_only=True)
+    and checked finite. This reads the whole checkpoint once, as the check of a non-FSDP one does."""
+    import torch.distributed.checkpoint.metadata  # noqa: F401  (the classes _MetadataUnpickler allows)
+    try:
+        with open(os.path.join(dcp_dir, ".metadata"), "rb") as f:
+            items = _MetadataUnpickler(f).load().storage_data
+    except Exception as e:  # missing, truncated, or holding what a checkpoint does not
+        return f"dcp/.metadata is unreadable ({type(e).__name__}: {str(e)[:80]})"
+    by_file = {}
+    for index, info in items.items():
+        by_file.setdefault(info.relative_path, []).append((index.fqn, info))
+    for name, entries in sorted(by_file.items()):
+        if not re.fullmatch(r"__\d+_\d+\.distcp", name):
+            return f"dcp/.metadata names a shard {name!r} that torch.distributed.checkpoint does not write"
+        try:
+            with open(os.path.join(dcp_dir, name), "rb") as f:
+                for fqn, info in entries:
+                    if getattr(info, "transform_descriptors", None):
+                        return f"dcp/{name}: {fqn} is stored transformed (compressed), which train.py never writes"
+                    f.seek(info.offset)
+                    blob = f.read(info.length)
+                    if len(blob) != info.length:
+                        return f"dcp/{name} is truncated (at {fqn})"
+                    value = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+                    if not _tensors_finite(value):
+                        return f"dcp/{name}: {fqn} has non-finite values"
+        except Exception as e:  # a missing file, or an item torch.load refuses
+            return f"dcp/{name} is unreadable ({type(e).__name__}: {str(e)[:80]})"
+    return ""
+
+
 def problem(folder):
-    """"" if the checkpoint can be resumed from, else the reason: every file present, readable and finite; the
-    trained weights and their EMA with the same names and shapes. FSDP checkpoints (dcp/) are checked for their
-    metadata only; torch.distributed.checkpoint validates the shards as it loads them."""
+    """"" if the checkpoint can be resumed from, else the reason: state.json with the right types and the step of
+    its folder's name; every rank's RNG state; every other file present, readable and finite (FSDP: every shard
+    item, `_dcp_problem`); the trained weights and their EMA with the same names and shapes."""
     try:
         state = read_state(folder)
-        state["step"], state["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         return f"state.json unreadable ({type(e).__name__})"
+    why = _state_problem(folder, state) or _rng_problem(folder, state["world"])
+    if why:
+        return why
     if os.path.isdir(os.path.join(folder, "dcp")):
-        return "" if os.path.isfile(os.path.join(folder, "dcp", ".metadata")) else "dcp/.metadata missing"
+        return _dcp_problem(os.path.join(folder, "dcp"))
     for name in ("trainable.safetensors", "ema.safetensors", "optimizer.pt"):
         if not os.path.isfile(os.path.join(folder, name)):
             return f"{name} missing"
@@ -166,11 +289,23 @@ def problem(folder):
 
 
 def read_latest(out_dir):
-    """The checkpoint folder out_dir's `latest` file names, or None when there is no such file."""
-    if not os.path.isfile(os.path.join(out_dir, "latest")):
+    """The checkpoint folder out_dir's `latest` file names, or None: when there is no such file, and when it names
+    anything but a checkpoint folder (ckpt_NNNNNN, not a link) directly inside out_dir: a path elsewhere, '..',
+    another run's folder. `latest` itself is read only if it is a plain file (never through a link)."""
+    try:
+        with os.fdopen(os.open(os.path.join(out_dir, "latest"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
+            name = f.read(64).strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    with open(os.path.join(out_dir, "latest")) as f:
-        return os.path.join(out_dir, f.read().strip())
+    folder = os.path.join(out_dir, name)
+    return folder if CKPT.fullmatch(name) and os.path.isdir(folder) and not os.path.islink(folder) else None
+
+
+def last_words(out_dir):
+    """Where a stopped run stands, for its last line: its last intact checkpoint, or none yet."""
+    latest = read_latest(out_dir)
+    return (f"the last intact checkpoint is {latest} (continue with --resume)" if latest else
+            f"{out_dir} holds no checkpoint yet")
 
 
 def find_resumable(out_dir):
@@ -181,6 +316,12 @@ def find_resumable(out_dir):
     if named in candidates:  # latest first, then the older ones
         candidates.remove(named)
         candidates.insert(0, named)
+    elif os.path.lexists(os.path.join(out_dir, "latest")):
+        print(f"warning: {os.path.join(out_dir, 'latest')} names no checkpoint folder of this run; ignored",
+              flush=True)
+    if not candidates and holds_a_run(out_dir):
+        raise SystemExit(f"error: --resume but {out_dir} holds no complete checkpoint: its run stopped before writing "
+                         "its first one; pass --overwrite instead of --resume to move it aside and start fresh")
     if not candidates:
         raise SystemExit(f"error: --resume but {out_dir} has no complete checkpoint; drop --resume to start fresh "
                          "or point --out_dir at a run")
@@ -203,7 +344,13 @@ def claim(out_dir, config, *, resume, overwrite, fixed):
     error, folder, state, token, lock = "", None, None, None, None
     if _rank() == 0:
         try:
+            if resume and not os.path.isdir(out_dir):  # a mistyped path: create nothing
+                common.fail(f"--resume but --out_dir={out_dir} does not exist (no complete checkpoint to continue "
+                            "from); check the path, or drop --resume to start a fresh run there")
             common.check_writable_dir(out_dir, "--out_dir")
+            if os.path.islink(os.path.join(out_dir, "metrics.jsonl")):
+                common.fail(f"{os.path.join(out_dir, 'metrics.jsonl')} is a symbolic link; remove it (a run appends "
+                            "to its own log, never through a link)")
             lock = RunLock(out_dir)
             if resume:
                 folder, state = find_resumable(out_dir)
@@ -212,15 +359,23 @@ def claim(out_dir, config, *, resume, overwrite, fixed):
                     common.fail("--resume with settings the checkpoint cannot take: " + ", ".join(
                         f"--{k}={config.get(k)} (checkpoint: {state['config'].get(k)})" for k in changed)
                                 + "; drop them or start a fresh run in another --out_dir")
+                if config.get("max_steps") is not None and state["step"] + 1 >= config["max_steps"]:
+                    common.fail(f"--resume: {folder} is step {state['step']}, and --max_steps={config['max_steps']} "
+                                "leaves no step to run; raise --max_steps")
+                for path in unfinished(out_dir):  # a checkpoint whose write was cut off: never resumed from
+                    remove_path(path)
+                    common.print0(f"removed the unfinished checkpoint {path}")
             elif holds_a_run(out_dir):
                 if not overwrite:
-                    common.fail(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to move it "
-                                "aside and start fresh, or pick another --out_dir")
+                    resumable = "pass --resume to continue it, " if our_checkpoints(out_dir) else ""
+                    common.fail(f"{out_dir} already holds a run"
+                                + ("; " if resumable else " that stopped before its first checkpoint; ") + resumable
+                                + "--overwrite to move it aside and start fresh, or pick another --out_dir")
                 common.print0(f"moved the previous run to {move_aside(out_dir)}")
-            with open(os.path.join(out_dir, ".run_token"), "w") as f:
-                f.write(token := uuid.uuid4().hex)
-        except SystemExit as e:
-            error = str(e.code)
+            common.write_atomic(os.path.join(out_dir, ".run_token"), token := uuid.uuid4().hex)
+        except (SystemExit, OSError) as e:  # OSError: the folder took the probe, then refused a file (a full disk)
+            error = str(e.code) if isinstance(e, SystemExit) else f"cannot write in --out_dir={out_dir} " \
+                                                                  f"({common.why(e)})"
             if lock is not None:
                 lock.release()
     common.stop_together(error)
@@ -236,8 +391,15 @@ def claim(out_dir, config, *, resume, overwrite, fixed):
     common.stop_together(error and f"rank {_rank()} sees {error} in --out_dir={out_dir}: every rank must write to the "
                                    "same folder; put --out_dir on a filesystem all nodes share")
     for k in (k for k in (state or {}).get("config", {}) if k in config and k not in fixed  # a removed flag: ignored
-              and state["config"][k] != config[k]):
+              and k not in ("resume", "overwrite") and state["config"][k] != config[k]):
         common.print0(f"resume: --{k} changes from {state['config'][k]} to {config[k]}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if state and state["world"] != world:
+        per_step = lambda w, c: w * c.get("prompts_per_rank", 1) * c.get("group_size", 1)  # noqa: E731
+        common.print0(f"warning: resuming on {world} rank(s), the checkpoint was written by {state['world']}: "
+                      f"{per_step(world, config)} videos per step instead of "
+                      f"{per_step(state['world'], state['config'])}, and each step draws other prompts and noise than "
+                      f"the run would have drawn on {state['world']}")
     return lock, folder, state
 
 
@@ -266,40 +428,62 @@ def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora,
     """Write checkpoint `step` of out_dir: to ckpt_N.tmp, renamed when complete, then made `latest`, and the oldest
     rotated out. state: what state.json holds besides the step (ema_updates, world, config). policy: the unwrapped
     transformer; trainable, ema: {name: tensor} (FSDP: shards); lora: also export the EMA LoRA (export_lora).
-    Non-finite weights or EMA stop the run instead: a NaN checkpoint must never become `latest`."""
+    Non-finite weights or EMA stop the run instead: a NaN checkpoint must never become `latest`. A write that fails
+    on any rank (a full disk) removes ckpt_N.tmp and stops every rank with one line naming the last intact
+    checkpoint; every collective runs outside the writes, so a rank that fails never leaves the others waiting."""
     if not all_finite(list(trainable.values()) + list(ema.values()), device):
-        raise SystemExit(f"error: the trained weights or their EMA hold non-finite values at step {step}; not saved. "
-                         f"The last checkpoint in {out_dir} is intact: lower --lr and --resume")
+        common.stop(f"the trained weights or their EMA hold non-finite values at step {step}; not saved. "
+                    f"The last checkpoint in {out_dir} is intact: lower --lr and --resume")
     master = _rank() == 0
     final = os.path.join(out_dir, folder_name(step))
     tmp = final + ".tmp"
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    common.barrier()
     weights = {n: prm.detach() for n, prm in trainable.items()}
     optim_state = get_optimizer_state_dict(policy, optimizer)
-    if fsdp:  # every rank writes its shards
-        import torch.distributed.checkpoint as dcp
-        dcp.save({"model": weights, "ema": ema, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
-    elif master:
-        save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
-        save_file(ema, os.path.join(tmp, "ema.safetensors"))
-        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda"
-                else []}, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
-    if lora:
-        export_lora(os.path.join(tmp, "lora"), policy, ema)
-    if master:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(step=step, **state), f, indent=1)
-    common.barrier()
-    if master:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_latest(out_dir, final)
-        rotate(out_dir, keep_last, final)
-    common.barrier()
+    full_ema = {n: _full(t).cpu() for n, t in ema.items()} if lora else None  # gathered here: FSDP needs every rank
+
+    def stop_if_failed(error):
+        """Collective: if any rank failed, remove the unfinished folder and stop every rank."""
+        if error := common.first_error(error):
+            if master:
+                remove_path(tmp)
+            common.stop(f"cannot write checkpoint {folder_name(step)} ({error}); {tmp} was removed and "
+                        f"{last_words(out_dir)}")
+
+    error = ""
+    try:
+        if master:
+            remove_path(tmp)
+            os.makedirs(tmp)
+    except OSError as e:
+        error = common.why(e)
+    stop_if_failed(error)
+    try:
+        if fsdp:  # every rank writes its shards (dcp.save is collective and raises on every rank if one fails)
+            import torch.distributed.checkpoint as dcp
+            dcp.save({"model": weights, "ema": ema, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+        elif master:
+            save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(tmp, "trainable.safetensors"))
+            save_file(ema, os.path.join(tmp, "ema.safetensors"))
+            torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda"
+                    else []}, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+        if lora:
+            export_lora(os.path.join(tmp, "lora"), policy, full_ema)
+        if master:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(dict(step=step, **state), f, indent=1)
+    except Exception as e:  # OSError, safetensors' SafetensorError, torch's RuntimeError: whatever the disk did
+        error = common.why(e)
+    stop_if_failed(error)
+    try:
+        if master:
+            remove_path(final)
+            os.replace(tmp, final)
+            write_latest(out_dir, final)
+            rotate(out_dir, keep_last, final)
+    except OSError as e:
+        error = common.why(e)
+    stop_if_failed(error)
 
 
 def export_lora(folder, policy, ema):
@@ -349,11 +533,15 @@ def load(folder, policy, trainable, ema, optimizer, *, fsdp, device, optimizer_s
 
 
 def drop_metrics_after(out_dir, step):
-    """Keep metrics.jsonl's lines up to `step`: a resumed run redoes the later steps and logs them again."""
+    """Keep metrics.jsonl's lines up to `step`: a resumed run redoes the later steps and logs them again. A line that
+    is not a record (a note written by hand) stays; a last line cut short (a crash or a full disk in mid-append)
+    goes, or the next record would be glued to it. The file is replaced atomically."""
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(metrics):
-        with open(metrics) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(metrics + ".tmp", metrics)
+        lines = common.jsonl_lines(metrics)
+        with open(metrics, "rb") as f:
+            cut = not f.read().endswith(b"\n")
+        if cut and lines and lines[-1][1] is None:
+            lines.pop()
+        keep = [text for text, r in lines if r is None or not isinstance(r.get("step"), int) or r["step"] <= step]
+        common.write_atomic(metrics, "".join(text + "\n" for text in keep))

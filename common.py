@@ -1,5 +1,6 @@
 """
-The few things every script needs: the CPU torchvision fix, one-line errors for flags and inputs, torchrun set-up.
+The few things every script needs: the CPU torchvision fix, one-line errors for flags and inputs, files written whole
+and never through a link (and a log reader that survives a cut line), SIGTERM/SIGINT, torchrun set-up.
 Imports no project file (torch only); every other script imports it first.
 
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
@@ -8,9 +9,12 @@ import contextlib
 import datetime
 import difflib
 import importlib.util
+import json
 import math
 import os
+import signal
 import sys
+import time
 import uuid
 
 import torch
@@ -105,6 +109,8 @@ def check_text(text, flag):
 def read_lines(path, flag):
     """Non-blank stripped lines of a UTF-8 text file; a missing, empty or undecodable file stops with its name
     and the line number of the first bad byte."""
+    if os.path.isdir(path):
+        fail(f"{flag}={path} is a folder; pass a text file with one prompt per line")
     if not os.path.isfile(path):
         fail(f"{flag}={path} does not exist; pass a text file with one prompt per line")
     with open(path, "rb") as f:
@@ -115,7 +121,9 @@ def read_lines(path, flag):
         except UnicodeDecodeError as e:
             fail(f"{flag}={path} line {number} is not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1}); "
                  "save the file as UTF-8")
-    lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    # Only "\n" ends a line: str.splitlines would also split at a form feed, U+2028 and the like inside a prompt,
+    # shifting every later prompt's index and seed. A byte-order mark is not text ("utf-8-sig" drops it).
+    lines = [line.strip() for line in data.decode("utf-8-sig").split("\n") if line.strip()]
     if not lines:
         fail(f"{flag}={path} has no lines; write one prompt per line")
     return lines
@@ -124,23 +132,28 @@ def read_lines(path, flag):
 def _probe(folder):
     """None if a file can really be written in `folder` (created if needed), else why not (os.access says yes to
     root everywhere, /proc included, so only a real write tells)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "create", "a file of that name exists"
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         return "create", e.strerror or str(e)
     probe = os.path.join(folder, f".write_test_{uuid.uuid4().hex}")
     try:
-        with open(probe, "w") as f:
+        with open(probe, "x") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as e:
         return "write", e.strerror or str(e)
+    finally:  # also when the write itself failed (a full disk): the probe must not stay behind
+        with contextlib.suppress(OSError):
+            os.remove(probe)
     return None
 
 
 def check_writable_dir(folder, flag):
-    """Create `folder` if needed and prove it takes a file."""
-    folder = folder or "."
+    """Create `folder` if needed and prove it takes a file. An empty name is refused, not read as "here"."""
+    if not folder:
+        fail(f"{flag} is empty; name a folder (e.g. {flag}=out)")
     problem = _probe(folder)
     if problem and problem[0] == "create":
         fail(f"cannot create the folder {flag}={folder} ({problem[1]}); pick a writable place")
@@ -167,6 +180,120 @@ def check_writable_file(path, flag, suffixes=None):
         fail(f"cannot {problem[0]} {'the folder of ' if problem[0] == 'create' else ''}{flag}={path} "
              f"({problem[1]}); pick a writable place")
     return path
+
+
+# -----------------------------------------------------------------------------
+# Files: never written through a link, never left half-written
+
+def write_atomic(path, data):
+    """Replace the file `path` with `data` (str or bytes) in one step: written to a fresh hidden name beside it
+    (created exclusively, so a link planted there is never followed), flushed to disk, then renamed over `path` (a
+    rename replaces a link at `path` itself, never its target). If anything fails (a full disk), the temporary file
+    is removed, `path` is as it was, and the OSError propagates."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def append_line(path, line):
+    """Append `line` and a newline to a log file (metrics.jsonl) and flush it to disk. A link at `path` is refused
+    (O_NOFOLLOW: ELOOP), not followed. A write that fails part-way (a full disk) is cut back off before the OSError
+    propagates, so the file never ends in half a line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        size, data = os.fstat(fd).st_size, (line + "\n").encode("utf-8")
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def jsonl_lines(path):
+    """[(text, record)] for each non-blank line of a JSON-lines file (metrics.jsonl); record is the line's JSON
+    object, or None where the line is not one (cut short by a crash or a full disk, a note added by hand). Those
+    are named in one warning line on stderr, never a crash."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        numbered = [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
+    out, bad = [], []
+    for number, text in numbered:
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            record = None
+            bad.append((number, text))
+        out.append((text, record))
+    if bad:
+        number, text = bad[0]
+        print(f"warning: {path}: {len(bad)} line(s) are not JSON records and are skipped (line {number}: "
+              f"{text[:40]!r}{'...' if len(text) > 40 else ''})", file=sys.stderr, flush=True)
+    return out
+
+
+def why(e):
+    """An exception as a short reason for an error line: the OS's words for an OSError, else its type and text."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# -----------------------------------------------------------------------------
+# Signals: SIGTERM (how schedulers preempt) and SIGINT (Ctrl-C)
+
+_signal = {"name": "", "time": 0.0}
+
+
+def catch_signals(last_words):
+    """From now on SIGTERM and SIGINT only set a flag, which the training loop reads at its safe points
+    (`signal_received`): it then saves what it can and stops with one line. A second signal, a second or more
+    after the first, prints `last_words()` and exits at once with 128 + its number (a repeat within the second is
+    the same stop: a terminal's Ctrl-C reaches torchrun and every rank, and torchrun passes it on to the ranks)."""
+    def handler(signum, frame):
+        name, now = signal.Signals(signum).name, time.monotonic()
+        if not _signal["name"]:
+            _signal.update(name=name, time=now)
+            if is_main():
+                os.write(2, f"{name} received: the run saves and stops at its next safe point (a second signal "
+                               "stops it at once)\n".encode())
+        elif now - _signal["time"] > 1.0:
+            if is_main():
+                os.write(2, f"error: a second signal ({name}): stopped at once; {last_words()}\n".encode())
+            os._exit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
+def signal_received():
+    """Collective: the name of the signal any rank has received ("" when none), the same on every rank."""
+    return first_error(_signal["name"])
+
+
+def exit_on_signal(what):
+    """For the scripts that keep nothing across a stop (sample.py, evaluate.py): SIGTERM and SIGINT end the process
+    with `error: <signal>: what`, printed once, instead of a KeyboardInterrupt traceback or a silent death."""
+    def handler(signum, frame):
+        stop(f"{signal.Signals(signum).name}: {what}")
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -254,16 +381,26 @@ def barrier():
         torch.distributed.barrier()
 
 
-def stop_together(message):
-    """Collective: if any rank has an error message, every rank stops with the first one (none is left waiting in a
-    collective). Returns when no rank has one."""
+def first_error(message):
+    """Collective: the first non-empty `message` over the ranks (rank order), or "" when no rank has one."""
     messages = [message]
     if torch.distributed.is_initialized():
         messages = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(messages, message)
-    for m in messages:
-        if m:
-            raise SystemExit(m if m.startswith("error") else "error: " + m)
+    return next((m for m in messages if m), "")
+
+
+def stop(message):
+    """Stop this rank with `error: message`. Rank 0 prints it; the other ranks exit with code 1 in silence (under
+    torchrun every rank's copy would reach the same terminal, glued together)."""
+    raise SystemExit((message if message.startswith("error") else "error: " + message) if is_main() else 1)
+
+
+def stop_together(message):
+    """Collective: if any rank has an error message, every rank stops with the first one (none is left waiting in a
+    collective), printed once. Returns when no rank has one."""
+    if first := first_error(message):
+        stop(first)
 
 
 def is_main():

@@ -38,6 +38,7 @@ import common  # noqa: F401  (first: the CPU torchvision fix, before transformer
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -126,9 +127,13 @@ def resolve_checkpoint(path):
     """--ckpt -> (checkpoint folder, its state.json). A run folder is followed through its `latest` file; the
     checkpoint's LoRA file is opened and checked (sample.check_lora_file) before any model loads."""
     if not os.path.isdir(path):
-        common.fail(f"--ckpt={path} does not exist; pass a checkpoint folder (out/ckpt_000100) or a run folder "
-                    "that has a 'latest' file")
-    path = checkpoint.read_latest(path) or path
+        common.fail(f"--ckpt={path} {'is a file' if os.path.exists(path) else 'does not exist'}; pass a checkpoint "
+                    "folder (out/ckpt_000100) or a run folder that has a 'latest' file")
+    if os.path.lexists(os.path.join(path, "latest")):  # a run folder: its latest checkpoint, and only its own
+        if not (named := checkpoint.read_latest(path)):
+            common.fail(f"--ckpt={path}: its 'latest' file names no checkpoint folder of this run (ckpt_NNNNNN "
+                        "inside it); pass the checkpoint folder itself")
+        path = named
     state_file = os.path.join(path, "state.json")
     if not os.path.isfile(state_file):
         common.fail(f"--ckpt={path} has no state.json (and no 'latest' file); pass a complete checkpoint folder "
@@ -174,6 +179,10 @@ def parse_args(argv):
     args.dino_px, args.raft, args.flow_iters = (models.SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
 
     sample.check_video_size(args.frames, args.height, args.width)
+    if args.frames < reward.MIN_FRAMES:
+        common.fail(f"--frames={args.frames}: the metrics need at least {reward.MIN_FRAMES} frames (the novel view "
+                    "holds out frames between lifted ones; camera errors compare paths)")
+    sample.check_text_len(args.text_len)
     sample.check_model_arg(args.model)
     common.check_numbers(args, positive=("steps", "limit", "text_len"), nonnegative=("grid", "warp_strength"),
                          finite=("guidance",))
@@ -449,8 +458,7 @@ def write_markdown(path, args, names, means, delta, per_motion, n):
               "state its reconstruction protocol, so neither NV- nor OV- is its exact counterpart)", "",
               "| model | PSNR↑ | SSIM↑ | LPIPS↓ | SubjCons%↑ |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {a:.2f} | {b:.3f} | {c:.3f} | {fmt(d, '.2f') if d else 'n/a'} |" for m, a, b, c, d in PAPER]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    common.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def clean(x):
@@ -476,15 +484,19 @@ def write_json(path, args, names, means, delta, per_motion, rows):
     config["ckpt_step"] = (args.ckpt_state or {}).get("step")
     out = dict(config=config, models=[dict(name=name, n=len(rows) // len(names), means=means[name]) for name in names],
                delta=delta, per_motion=per_motion, per_prompt=rows)
-    with open(path, "w") as f:
-        json.dump(clean(out), f, indent=1)
+    common.write_atomic(path, json.dumps(clean(out), indent=1))
 
 
 def write_csv(path, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    """rows -> CSV. A text cell that starts with = + - @ (or a tab or carriage return) gets a leading ', so a
+    spreadsheet shows a prompt such as "=HYPERLINK(...)" as text instead of evaluating it (OWASP's CSV injection
+    rule)."""
+    text = lambda v: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v  # noqa: E731
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows({k: text(v) for k, v in row.items()} for row in rows)
+    common.write_atomic(path, buf.getvalue())
 
 
 # -----------------------------------------------------------------------------
@@ -495,6 +507,14 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_png(fig, path):
+    """A figure -> png at `path`, written atomically (common.write_atomic), then closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _plt().close(fig)
+    common.write_atomic(path, buf.getvalue())
 
 
 COLORS = ["tab:gray", "tab:blue"]  # base, checkpoint
@@ -515,8 +535,7 @@ def plot_bars(path, names, means):
     for ax in list(axes.flat)[len(KEYS):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_motions(path, names, per_motion):
@@ -535,8 +554,7 @@ def plot_motions(path, names, per_motion):
         ax.set_title(METRICS[k][0], fontsize=9)
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=len(names), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_frames(path, names, thumbs, prompts):
@@ -551,8 +569,7 @@ def plot_frames(path, names, thumbs, prompts):
             ax.set_title(f"#{p} {names[m]}: {prompts[p][:90]}", fontsize=7, loc="left")
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 CURVE_FIRST = ("reward", "R_3D", "S_meta", "S_recon", "S_traj", "R_gen", "eval_reward", "kl", "loss", "approx_kl",
@@ -563,8 +580,7 @@ def plot_curves(path, run_dir, max_panels=16):
     """Training curves from run_dir/metrics.jsonl: every numeric key against step (reward, its components, KL and
     loss first); dynamic-phase steps drawn as dots. Returns the keys plotted."""
     plt = _plt()
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for _, r in common.jsonl_lines(os.path.join(run_dir, "metrics.jsonl")) if r is not None]
     numeric = {k for r in records for k, v in r.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
     keys = ([k for k in CURVE_FIRST if k in numeric] + sorted(numeric - set(CURVE_FIRST)))[:max_panels]
@@ -583,8 +599,7 @@ def plot_curves(path, run_dir, max_panels=16):
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path)
     return keys
 
 
@@ -594,6 +609,7 @@ def plot_curves(path, run_dir, max_panels=16):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank, local_rank, world, device = common.setup_dist(args.dist_timeout, args.deterministic)
+    lock = checkpoint.lock_folder(args.out, "evaluation", "--out")  # noqa: F841  (held while this runs)
     prompts, t_start = args.prompt_list, time.time()
     mine = list(range(rank, len(prompts), world))  # prompt i on rank i % world, always with seed + i
     common.print0(f"evaluating {len(prompts)} prompts on {world} rank(s): base"
@@ -636,7 +652,10 @@ def main(argv=None):
                 thumbs[m, i] = grid_frames(video.cpu())
             if args.save_videos:
                 os.makedirs(os.path.join(args.out, "videos", name), exist_ok=True)
-                sample.save_video(os.path.join(args.out, "videos", name, f"{i:04d}.mp4"), video)
+                try:
+                    sample.save_video(os.path.join(args.out, "videos", name, f"{i:04d}.mp4"), video)
+                except OSError as e:
+                    common.fail(f"cannot write a video in --out={args.out} ({common.why(e)})")
             print(f"[rank {rank}] {name} #{i}: NV-PSNR {row['NV_PSNR']:.2f} RotErr {row['RotErr']:.3f} reward "
                   f"{row['reward']:.3f} | sample {t1 - t0:.1f}s metrics {time.time() - t1:.1f}s"
                   + (f" | {why}" if why else ""), flush=True)
@@ -647,23 +666,30 @@ def main(argv=None):
             buf = t.to(device)
             dist.all_reduce(buf)
             t.copy_(buf.cpu())
+    error = ""
     if common.is_main():
         means, delta, per_motion = summarize(names, tables, prompts)
         rows = per_prompt_rows(names, tables, prompts, args.seed)
-        write_markdown(os.path.join(args.out, "results.md"), args, names, means, delta, per_motion,
-                               len(prompts))
-        write_json(os.path.join(args.out, "results.json"), args, names, means, delta, per_motion, rows)
-        write_csv(os.path.join(args.out, "per_prompt.csv"), rows)
-        plot_bars(os.path.join(args.out, "bars.png"), names, means)
-        plot_motions(os.path.join(args.out, "motions.png"), names, per_motion)
-        if n_grid:
-            plot_frames(os.path.join(args.out, "frames.png"), names, thumbs, prompts)
-        if args.curves:
-            plot_curves(os.path.join(args.out, "curves.png"), args.curves)
-        print("\n".join(markdown_table([(n, means[n]) for n in names], MAIN_KEYS, delta)))
-        print(f"wrote {args.out}/ (results.md, results.json, per_prompt.csv, plots) in {time.time() - t_start:.1f}s")
+        print("\n".join(markdown_table([(n, means[n]) for n in names], MAIN_KEYS, delta)))  # first: a full disk
+        try:  # each file is whole or absent (common.write_atomic)
+            write_markdown(os.path.join(args.out, "results.md"), args, names, means, delta, per_motion,
+                           len(prompts))
+            write_json(os.path.join(args.out, "results.json"), args, names, means, delta, per_motion, rows)
+            write_csv(os.path.join(args.out, "per_prompt.csv"), rows)
+            plot_bars(os.path.join(args.out, "bars.png"), names, means)
+            plot_motions(os.path.join(args.out, "motions.png"), names, per_motion)
+            if n_grid:
+                plot_frames(os.path.join(args.out, "frames.png"), names, thumbs, prompts)
+            if args.curves:
+                plot_curves(os.path.join(args.out, "curves.png"), args.curves)
+            print(f"wrote {args.out}/ (results.md, results.json, per_prompt.csv, plots) in "
+                  f"{time.time() - t_start:.1f}s")
+        except OSError as e:
+            error = f"cannot write the results in --out={args.out} ({common.why(e)}); the table above is the result"
+    common.stop_together(error)
     common.cleanup_dist()
 
 
 if __name__ == "__main__":
+    common.exit_on_signal("stopped before the evaluation finished")
     main()

@@ -29,6 +29,7 @@ Where we depart from the release, and why:
    poses stay float64 (release: %.6g strings), and every random draw comes from the caller's generator.
 """
 import math
+import os
 import re
 
 import torch
@@ -307,6 +308,21 @@ def degrade(x, generator, amount=DEGRADATION):
     return (amount * xi + (1 - amount) * x) / math.hypot(amount, 1 - amount)
 
 
+WARP_BYTES = 1024  # host memory per warp-grid cell while transporting (measured ~700: state, flow, indices)
+
+
+def check_warp_memory(height, width, warp_scale):
+    """Refuse a --warp_scale whose grid, (H/8 s) x (W/8 s) cells of WARP_BYTES each, would not fit in this host's
+    memory: an absurd value would otherwise run the machine out of memory."""
+    import common  # the command lines' one-line errors (only they call this)
+    cells = height // 8 * warp_scale * (width // 8 * warp_scale)
+    need, have = cells * WARP_BYTES, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        common.fail(f"--warp_scale={warp_scale} needs about {need / 2**30:,.0f} GiB for the noise warp grid at "
+                    f"{width}x{height} ({cells:,} cells), more than this machine's {have / 2**30:.0f} GiB; lower it "
+                    f"(the release uses {WARP_SCALE})")
+
+
 def warped_noise(prompt_or_path, latent_shape, generator, *, warp_scale=WARP_SCALE, degradation=DEGRADATION,
                  device=None, dither=True):
     """Camera-warped initial noise (C, T, h, w), float32, ~N(0, 1) per element.
@@ -388,7 +404,6 @@ def _flow_rgb(flow, max_mag):
 
 if __name__ == "__main__":
     import argparse
-    import os
     import sys
     import time
 
@@ -413,6 +428,7 @@ if __name__ == "__main__":
     if args.height < 16 or args.width < 16 or args.height % 16 or args.width % 16:
         common.fail(f"--height and --width must be positive multiples of 16, got {args.height}x{args.width}")
     common.check_numbers(args, positive=("warp_scale", "fps"), nonnegative=("degradation",))
+    check_warp_memory(args.height, args.width, args.warp_scale)
     if args.degradation > 1:
         common.fail(f"--degradation={args.degradation} must be in [0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -100,6 +100,9 @@ SETTINGS = {
     "traj_rot_scale": (10.0, "S_traj: a 'fixed' request is judged as strictly as a pan of this many degrees"),
 }
 DEFAULTS = {name: default for name, (default, _) in SETTINGS.items()}
+# The fewest video frames (4k + 1) the world reward and evaluate.py's metrics can use: S_traj compares a path of
+# cameras, the novel view holds out a frame between two lifted ones. A one-frame video is "bad" for every critic.
+MIN_FRAMES = 5
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ import common  # noqa: F401  (first: the CPU torchvision fix must run before dif
 
 import argparse
 import copy
+import errno
 import html
 import os
 import re
 import sys
 import time
+import uuid
 
 import imageio
 import torch
@@ -30,6 +32,7 @@ import noise_warp
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py exports and diffusers' load_lora_weights reads
 GUIDANCE = 5.0  # classifier-free guidance of Wan2.1's pipeline and of the release's rollouts
+MAX_TEXT_LEN = 512  # Wan2.1's UMT5 text length (the pipeline's max_sequence_length): the most tokens a prompt gives
 
 # -----------------------------------------------------------------------------
 # Prompts -> UMT5 embeddings
@@ -236,9 +239,26 @@ def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guida
 
 
 def save_video(path, video, fps=16):
-    """video (F, 3, H, W) in [0, 1] -> H.264 mp4 (Wan2.1 makes 16 fps video)."""
+    """video (F, 3, H, W) in [0, 1] -> H.264 mp4 (Wan2.1 makes 16 fps video). Written under a fresh hidden name,
+    read back (ffmpeg counts its frames) and only then renamed to `path`: ffmpeg does not tell its caller when a
+    write fails (a full disk), so without the count a cut, unplayable file would pass. Raises OSError then, and
+    leaves no file behind."""
+    import imageio_ffmpeg
     frames = (video.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    imageio.mimwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{uuid.uuid4().hex[:8]}.{name}")  # still .mp4: ffmpeg picks the container by it
+    try:
+        imageio.mimwrite(tmp, frames, fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="quiet")
+        try:
+            written = imageio_ffmpeg.count_frames_and_secs(tmp)[0]
+        except (OSError, RuntimeError):  # no readable video at all
+            written = 0
+        if written != len(frames):
+            raise OSError(errno.EIO, f"ffmpeg wrote {written} of its {len(frames)} frames; is the disk full?")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -368,6 +388,14 @@ def check_video_size(frames, height, width):
             common.fail(f"--{name}={v} must be a positive multiple of 16 (e.g. 480, 832)")
 
 
+def check_text_len(text_len):
+    """--text_len pads every prompt to that many tokens: beyond MAX_TEXT_LEN it is padding the model never saw,
+    and the text encoder's attention memory grows with its square (an absurd value would exhaust the host)."""
+    if text_len > MAX_TEXT_LEN:
+        common.fail(f"--text_len={text_len} is more than {MAX_TEXT_LEN} tokens, the text length Wan2.1 was trained "
+                    f"with; use at most {MAX_TEXT_LEN}")
+
+
 def warp_strength(size, warp_mode, strength):
     """--warp_strength as given; unset in stepwise mode, the size's λ (models.SIZES stepwise_strength); unset in
     init mode, None (camera_noise then takes the warped noise whole)."""
@@ -416,6 +444,8 @@ def main(argv=None):
     check_video_size(args.frames, args.height, args.width)
     common.check_numbers(args, positive=("steps", "warp_scale", "text_len", "fps"),
                          nonnegative=("warp_strength", "degradation"), finite=("guidance",))
+    check_text_len(args.text_len)
+    noise_warp.check_warp_memory(args.height, args.width, args.warp_scale)
     if args.degradation > 1:
         common.fail(f"--degradation={args.degradation} must be in [0, 1]")
     if (args.prompt is None) == (args.prompts is None):
@@ -455,10 +485,15 @@ def main(argv=None):
                          negative_prompt=args.negative_prompt, warp_mode=args.warp_mode,
                          warp_strength=args.warp_strength, warp_scale=args.warp_scale,
                          degradation=args.degradation, progress=True)
-        save_video(out, video, args.fps)
+        try:
+            save_video(out, video, args.fps)
+        except OSError as e:
+            common.fail(f"cannot write {out} ({common.why(e)})" + (f"; the {i} video(s) before it are complete" if i
+                                                                    else ""))
         print(f"wrote {out}  video {tuple(video.shape)} (F, 3, H, W)  {time.time() - t0:.1f} s")
         t0 = time.time()
 
 
 if __name__ == "__main__":
+    common.exit_on_signal("stopped; every video reported written is complete")
     main(sys.argv[1:])

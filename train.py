@@ -99,7 +99,8 @@ p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, he
 p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="recompute each block's activations in backward (81x480x832 activations outgrow an H200)")
 common.add_dist_flags(p)  # --dist_timeout, --deterministic
-p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite updates in a row")
+p.add_argument("--max_bad_steps", type=int, default=5,
+               help="stop after this many steps in a row with a non-finite update or reward, or no scorable video")
 # rewards
 p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
 p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
@@ -127,6 +128,8 @@ p.add_argument("--out_dir", default="out", help="checkpoints, metrics.jsonl, eva
 p.add_argument("--resume", action="store_true", help="continue from out_dir's latest sound checkpoint")
 p.add_argument("--overwrite", action="store_true",
                help="start fresh in an out_dir that holds a run; the old run moves to out_dir/replaced_<time>/")
+p.add_argument("--save_on_signal", action=argparse.BooleanOptionalAction, default=True,
+               help="on SIGTERM or SIGINT, checkpoint the last finished step before stopping (if it has none)")
 p.add_argument("--seed", type=int, default=0, help="all randomness derives from it and the step")
 p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (rank 0)")
 p.add_argument("--wandb_project", default="world-r1-nano", help="wandb project")
@@ -154,10 +157,15 @@ def parse_config(argv):
                                                             "or --size=large (tiny is random already)"),
         (not (args.resume and args.overwrite), "--resume continues the run in --out_dir, --overwrite replaces it: "
                                                "pick one"),
+        (args.reward == "toy" or args.frames >= reward.MIN_FRAMES, f"--frames={args.frames}: the world reward "
+                                                                   f"needs at least {reward.MIN_FRAMES} frames"),
+        (not args.fsdp or "RANK" in os.environ, "--fsdp shards the model over torchrun's processes: start train.py "
+                                                "with torchrun (--size=large turns --fsdp on; --no-fsdp turns it off)"),
     ]
     for ok, message in checks:
         if not ok:
             common.fail(message)
+    sample.check_text_len(args.text_len)
     common.check_text(args.negative_prompt, "--negative_prompt")
     if args.wandb and importlib.util.find_spec("wandb") is None:
         common.fail("--wandb needs the wandb package: pip install wandb (then wandb login)")
@@ -200,6 +208,7 @@ for line in sample.camera_warnings(train_prompts, args.warp_mode):
 # every rank sees the same folder, and a resumed run checks its checkpoint and config before any model loads.
 lock, resume_from, saved = checkpoint.claim(args.out_dir, vars(args), resume=args.resume, overwrite=args.overwrite,
                                             fixed=FIXED_ON_RESUME)
+common.catch_signals(lambda: checkpoint.last_words(args.out_dir))  # SIGTERM, SIGINT: save and stop at a safe point
 print0(json.dumps(vars(args), indent=1))
 print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} videos = "
        f"{groups_per_step * args.group_size} videos per step; {transitions_per_rank} window transitions per rank "
@@ -362,9 +371,14 @@ def log(record):
     bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
     record = {k: (None if k in bad else v) for k, v in record.items()} | ({"nonfinite": bad} if bad else {})
     run.log(record, step=record["step"])
+    error = ""
     if master:
-        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        try:  # a line and its newline, or nothing (a full disk): never half a line
+            common.append_line(os.path.join(args.out_dir, "metrics.jsonl"), json.dumps(record, allow_nan=False))
+        except OSError as e:
+            error = (f"cannot append step {record['step']} to metrics.jsonl ({common.why(e)}); "
+                     + checkpoint.last_words(args.out_dir))
+    common.stop_together(error)
 
 
 def score_videos(videos, prompts, paths, dynamic, latents):
@@ -388,7 +402,7 @@ def run_eval(step):
     with no prompt left samples one anyway and discards it. Returns the mean reward over the scorable videos."""
     folder = os.path.join(args.out_dir, "eval", f"step_{step:06d}")
     os.makedirs(folder, exist_ok=True)
-    total, count = 0.0, 0
+    total, count, error = 0.0, 0, ""
     with ema_weights(), policy_precision():
         for i in range(rank, world * math.ceil(len(test_prompts) / world), world):
             prompt = test_prompts[min(i, len(test_prompts) - 1)]
@@ -404,9 +418,33 @@ def run_eval(step):
             t, bad, _, _ = score_videos(video, [prompt], [path], False, lat)
             if not bad.any():
                 total, count = total + t.sum().item(), count + 1
-            sample.save_video(os.path.join(folder, f"{i:04d}.mp4"), video[0])
+            try:
+                sample.save_video(os.path.join(folder, f"{i:04d}.mp4"), video[0])
+            except OSError as e:
+                error = error or f"cannot write the eval video {folder}/{i:04d}.mp4 ({common.why(e)})"
+    common.stop_together(error and f"{error}; {checkpoint.last_words(args.out_dir)}")
     sums = all_mean({"total": total, "count": count})
     return sums["total"] / sums["count"] if sums["count"] else math.nan
+
+
+def save(step):
+    """Checkpoint the state after `step` (checkpoint.save: atomic, validated, rotated)."""
+    checkpoint.save(args.out_dir, step, dict(ema_updates=ema_updates, world=world, config=vars(args)), policy,
+                    trainable, ema, optimizer, fsdp=args.fsdp, lora=not args.full_finetune, keep_last=args.keep_last,
+                    device=device)
+
+
+def stop_if_signalled(done):
+    """Collective, at a safe point where the weights are as step `done` left them: after SIGTERM or SIGINT on any
+    rank, checkpoint step `done` if it has no checkpoint yet (unless --no-save_on_signal), say in one line where the
+    run stands, and stop with a non-zero exit."""
+    name = common.signal_received()
+    if not name:
+        return
+    if args.save_on_signal and done >= start and (done + 1) % args.save_every:  # a due step was saved already
+        save(done)
+    common.stop(f"{name}: stopped " + (f"after step {done}" if done >= 0 else "before the first step") + "; "
+                + checkpoint.last_words(args.out_dir))
 
 
 # -----------------------------------------------------------------------------
@@ -422,6 +460,7 @@ if args.resume:
     start = saved["step"] + 1
 bad_steps = 0
 for step in range(start, args.max_steps):
+    stop_if_signalled(step - 1)
     t0 = time.time()
     ph = phase(step)
 
@@ -445,6 +484,7 @@ for step in range(start, args.max_steps):
                               videos=sample.decode(wan.vae, latents),
                               path=noise_warp.requested_path(motions, args.frames)))
     t1 = time.time()
+    stop_if_signalled(step - 1)  # abandon this step before it changes anything: the weights are still step - 1's
 
     # 2. Rewards -> advantages, per group (groups are rank-local). A video that cannot be scored gets a score below
     # every real video of its group; a systemic failure (out of memory, CUDA, a critic failing on every video)
@@ -463,6 +503,7 @@ for step in range(start, args.max_steps):
         error = f"{', '.join(failing)} on every video of step {step} (e.g. {reasons[0][:300]})"
     common.stop_together(error and error + f"; stopping. The last checkpoint in {args.out_dir} is intact")
     rewards, bad = torch.cat(totals).to(device), torch.cat(bads).to(device)
+    unusable = bool(bad.all()) or any("not finite" in r for r in reasons)  # counts toward --max_bad_steps
     group_ids = torch.arange(len(batch), device=device).repeat_interleave(args.group_size)
     filled = grpo.fill_bad(rewards, bad, group_ids)
     adv = torch.zeros_like(filled) if args.zero_advantages else grpo.group_advantages(filled, group_ids, args.adv_clip)
@@ -509,7 +550,7 @@ for step in range(start, args.max_steps):
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if math.isfinite(grad_norm):  # the norm is taken after the all-reduce: every rank decides alike
             optimizer.step()
-            bad_steps = 0
+            bad_steps = bad_steps if unusable else 0
             if (step * args.updates_per_epoch + u + 1) % args.ema_every == 0:  # counts optimizer steps
                 ema_updates += 1
                 decay = min(args.ema_decay, (1 + ema_updates) / (10 + ema_updates))  # short memory while warming up
@@ -520,11 +561,10 @@ for step in range(start, args.max_steps):
             bad_steps += 1
             print0(f"step {step} update {u}: non-finite gradient norm, update skipped ({bad_steps} in a row)")
         optimizer.zero_grad(set_to_none=True)
-    nonfinite = sum("not finite" in r for r in reasons)
-    if nonfinite:  # a NaN/inf reward is named by reward.score; it was scored as a bad video, and counts here
+    if unusable:  # a NaN/inf reward (named by reward.score, scored as a bad video) or no video to learn from
         bad_steps += 1
-    common.stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards; stopping. The last "
-                         f"checkpoint in {args.out_dir} is intact (lower --lr or check the rewards)"
+    common.stop_together(f"{bad_steps} steps in a row with non-finite gradients or rewards or no scorable video; "
+                         f"stopping. The last checkpoint in {args.out_dir} is intact (lower --lr or check the rewards)"
                          if bad_steps >= args.max_bad_steps else "")
     t3 = time.time()
 
@@ -560,9 +600,7 @@ for step in range(start, args.max_steps):
         print0(f"step {step:5d} eval reward {record['eval_reward']:.4f}")
     log(record)
     if (step + 1) % args.save_every == 0 or step == args.max_steps - 1:
-        checkpoint.save(args.out_dir, step, dict(ema_updates=ema_updates, world=world, config=vars(args)), policy,
-                        trainable, ema, optimizer, fsdp=args.fsdp, lora=not args.full_finetune,
-                        keep_last=args.keep_last, device=device)
+        save(step)
 
 run.finish()
 common.cleanup_dist()
