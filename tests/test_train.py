@@ -36,7 +36,7 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
         assert (ckpt / name).exists(), name
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert sorted(os.listdir(out)) == [".lock", ".run_token", "ckpt_000000", "ckpt_000001", "ckpt_000002", "eval",
-                                       "latest", "metrics.jsonl"]
+                                       "latest", "media", "metrics.jsonl"]
 
     # the exported EMA LoRA loads into the tiny pipeline through diffusers and sample.py --lora and changes output
     import sample
@@ -189,7 +189,7 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     (["--resume"], "no complete checkpoint"),
     (["--sde_window=9"], "must fit in the first half"),
     (["--frames=10"], "4k+1"),
-    (["--wandb"], "pip install wandb"),
+    (["--report_to=mlflow"], "argument --report_to: invalid choice: 'mlflow'"),  # a missing package: test_tracking
     (["--out_dir=" + os.path.abspath(__file__)], "cannot create the folder --out_dir"),  # a file, not a folder
 ])
 def test_bad_config_stops_before_loading_models(tmp_path, monkeypatch, capsys, args, message):
