@@ -472,8 +472,8 @@ def main(argv=None):
         if trained := sampling_settings(args.lora):
             words = common.config_argv(p, trained, os.path.join(args.lora, SAMPLING_FILE))
             args = common.parse_flags(p, words + argv, models.SIZES)
-            print(f"--lora: sampling as trained ({', '.join(w.removeprefix('--') for w in words)}); flags given "
-                  "here override it", flush=True)
+            print(f"--lora: sampling as trained ({', '.join(f'{k}={v!r}' for k, v in trained.items() if v is not None)}"
+                  f"; {SAMPLING_FILE}), flags given here override it", flush=True)
 
     # Validate everything before any model loads.
     check_video_size(args.frames, args.height, args.width)

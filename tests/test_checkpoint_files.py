@@ -29,32 +29,47 @@ TRAINED = dict(size="tiny", frames=9, height=64, width=64, text_len=64, steps=6,
                negative_prompt="blurry, dark", warp_mode="stepwise", warp_strength=0.35)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A one-step toy run on the tiny Wan saved as a diffusers folder (so the base model has a name) -> (run folder,
-    the tiny model's folder)."""
-    tmp = tmp_path_factory.mktemp("export")
-    models.save_pretrained(models.build_tiny(0), str(tmp / "tiny_wan"))
-    run(["--size=tiny", "--reward=toy", "--eval_every=0", "--max_steps=1", f"--model={tmp / 'tiny_wan'}",
-         "--eval_steps=6", "--guidance=4.0", "--negative_prompt=blurry, dark", "--warp_mode=stepwise"], tmp / "run")
-    return tmp / "run", str(tmp / "tiny_wan")
-
-
-def test_the_exported_lora_names_its_base_model_and_how_it_samples(exported):
-    out, base = exported
-    lora = out / "ckpt_000000" / "lora"
+@pytest.mark.full
+def test_a_runs_lora_names_its_base_model_and_how_it_samples_and_state_json_its_provenance(tmp_path):
+    """A one-step toy run on the tiny Wan saved as a diffusers folder (so that the base model has a name)."""
+    models.save_pretrained(models.build_tiny(0), str(tmp_path / "tiny_wan"))
+    base = str(tmp_path / "tiny_wan")
+    run(["--size=tiny", "--reward=toy", "--eval_every=0", "--max_steps=1", f"--model={base}", "--eval_steps=6",
+         "--guidance=4.0", "--negative_prompt=blurry, dark", "--warp_mode=stepwise"], tmp_path / "run")
+    lora = tmp_path / "run" / "ckpt_000000" / "lora"
     with safe_open(str(lora / sample.LORA_FILE), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert metadata["transformer.base_model_name_or_path"] == base and metadata["transformer.r"] == 8
     assert json.loads((lora / sample.SAMPLING_FILE).read_text()) == {**TRAINED, "model": base}
-
-
-def test_state_json_records_the_commit_and_the_versions(exported):
-    state = json.loads((exported[0] / "ckpt_000000" / "state.json").read_text())
+    state = json.loads((tmp_path / "run" / "ckpt_000000" / "state.json").read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert state["git_commit"].removesuffix("+modified") == (head or "unknown")
     assert state["versions"] == {name: importlib.metadata.version(name)
                                  for name in ("torch", "diffusers", "transformers", "peft", "gsplat")}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """checkpoint.export_lora of a tiny LoRA (lora_B random, so that it changes the output) with the sampling
+    settings TRAINED, as train.py exports it -> (its folder, the base model's name)."""
+    from peft import LoraConfig
+    folder, base = tmp_path_factory.mktemp("export") / "lora", "a/base_model"
+    policy = models.build_tiny(0).transformer
+    policy.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    policy.peft_config["default"].base_model_name_or_path = base
+    ema = {n: 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n)))
+           for n, p in policy.named_parameters() if p.requires_grad}
+    checkpoint.export_lora(str(folder), policy, ema, {**TRAINED, "model": None})
+    return folder, base
+
+
+def test_the_exported_lora_names_its_base_model_and_how_it_samples(exported):
+    folder, base = exported
+    with safe_open(str(folder / sample.LORA_FILE), "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.base_model_name_or_path"] == base and metadata["transformer.r"] == 4
+    assert json.loads((folder / sample.SAMPLING_FILE).read_text()) == {**TRAINED, "model": None}
 
 
 def test_provenance_outside_git_and_without_a_package(monkeypatch):
@@ -80,7 +95,7 @@ def generate_spy(monkeypatch):
 
 
 def test_sample_lora_samples_as_trained_and_flags_override(exported, monkeypatch, capsys, tmp_path):
-    lora = str(exported[0] / "ckpt_000000" / "lora")
+    lora = str(exported[0])
     calls = generate_spy(monkeypatch)
     sample.main(["--lora", lora, "--prompt", PROMPT, "--out", str(tmp_path / "a.mp4")])
     assert "--lora: sampling as trained" in capsys.readouterr().out
@@ -94,9 +109,9 @@ def test_sample_lora_samples_as_trained_and_flags_override(exported, monkeypatch
 
 
 def test_evaluate_lora_samples_as_trained_and_flags_override(exported, tmp_path):
-    lora = str(exported[0] / "ckpt_000000" / "lora")
+    lora = str(exported[0])
     args = evaluate.parse_args(["--lora", lora, "--out", str(tmp_path / "e")])
-    assert {k: getattr(args, k) for k in TRAINED} == TRAINED and args.model == exported[1]
+    assert {k: getattr(args, k) for k in TRAINED} == TRAINED and args.model is None
     args = evaluate.parse_args(["--lora", lora, "--out", str(tmp_path / "e"), "--negative_prompt=", "--steps=4"])
     assert (args.negative_prompt, args.steps, args.guidance) == ("", 4, 4.0)
 
@@ -133,6 +148,7 @@ def test_a_peft_lora_loads_and_gives_peft_models_output(tmp_path, capsys):
     assert (ours - base).abs().max() > 1e-3 and torch.allclose(ours, theirs, atol=1e-6, rtol=0)
 
 
+@pytest.mark.full
 def test_a_peft_lora_runs_in_sample_py_and_evaluate_py(tmp_path, capsys):
     peft_lora(tmp_path / "peft")
     sample.main(["--lora", str(tmp_path / "peft"), "--prompt", PROMPT, "--steps=2", "--out", str(tmp_path / "a.mp4")])

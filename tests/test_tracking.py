@@ -43,6 +43,7 @@ def critics():
     return models.load_reward_models("tiny")
 
 
+@pytest.mark.full
 def test_score_keeps_the_render_s_meta_graded_and_the_estimated_cameras(critics):
     videos = torch.rand(2, 9, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     videos[1] = 0  # black: bad, nothing looked at
@@ -119,6 +120,7 @@ def torchrun(args, out_dir, logs):
     return err
 
 
+@pytest.mark.full
 def test_tensorboard_two_ranks_media_eval_videos_and_a_resume_without_doubled_steps(tmp_path):
     """2 ranks, 3 steps, media every step, an eval of 2 prompts (one per rank) at step 2; then the run is put back
     to its step-1 checkpoint (as after a crash) and resumed: step 2 is redone and logged once."""
@@ -178,6 +180,7 @@ def wandb_history(path):
     return rows
 
 
+@pytest.mark.full
 def test_wandb_offline_run_holds_scalars_and_media_and_resume_continues_it(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
