@@ -5,21 +5,26 @@ Imports common (collectives, one-line errors); torch, safetensors, and diffusers
 train.py writes and resumes from these; evaluate.py reads them. Layout of out_dir:
     .lock                 held (flock) by the run that writes here; holds its pid
     latest                name of the newest complete checkpoint
-    ckpt_000123/          one complete checkpoint: state.json (step, config), trainable.safetensors, ema.safetensors,
-                          optimizer.pt, rng_rank<r>.pt, lora/ (EMA LoRA in the diffusers/peft format) or dcp/ (FSDP)
+    ckpt_000123/          one complete checkpoint: state.json (step, config, tracker run, git commit, versions),
+                          trainable.safetensors, ema.safetensors, optimizer.pt, rng_rank<r>.pt, lora/ (EMA LoRA in
+                          the diffusers/peft format, with sampling.json) or dcp/ (FSDP)
     metrics.jsonl, eval/  the run's log and eval videos
+    media/, wandb/, tensorboard/   rollout media and the tracker's files (tracking.py)
 A checkpoint is written to ckpt_N.tmp and renamed when complete, so a crash mid-write never harms the last one. No
 file here is ever written through a symbolic link: `latest` and `.run_token` are replaced by rename
 (common.write_atomic), `.lock` and metrics.jsonl are opened with O_NOFOLLOW, and a link named like a checkpoint is
 not one of ours.
 """
+import errno
 import fcntl
+import importlib.metadata
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import subprocess
 import time
 import uuid
 
@@ -75,7 +80,8 @@ def move_aside(out_dir):
     aside = os.path.join(out_dir, "replaced_" + time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(aside)
     for name in os.listdir(out_dir):
-        if name in ("latest", "metrics.jsonl", "eval") or CKPT.fullmatch(name.removesuffix(".tmp")):
+        if name in ("latest", "metrics.jsonl", "eval", "media", "wandb", "tensorboard") \
+                or CKPT.fullmatch(name.removesuffix(".tmp")):
             shutil.move(os.path.join(out_dir, name), os.path.join(aside, name))
     return aside
 
@@ -103,6 +109,11 @@ class RunLock:
             self.file.close()
             raise SystemExit(f"error: {out_dir} is in use by another {what} (pid {holder}); wait for it to "
                              f"finish or pick another {flag}")
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS, EINVAL: a filesystem mounted without flock (Lustre, NFS)
+            self.file.close()
+            raise SystemExit(f"error: {flag}={out_dir} is on a filesystem without file locking (flock: "
+                             f"{e.strerror or errno.errorcode.get(e.errno, e)}); mount it with locking (Lustre: "
+                             f"-o flock) or put {flag} on another filesystem") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -426,8 +437,9 @@ def all_finite(tensors, device):
 
 def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora, keep_last, device):
     """Write checkpoint `step` of out_dir: to ckpt_N.tmp, renamed when complete, then made `latest`, and the oldest
-    rotated out. state: what state.json holds besides the step (ema_updates, world, config). policy: the unwrapped
-    transformer; trainable, ema: {name: tensor} (FSDP: shards); lora: also export the EMA LoRA (export_lora).
+    rotated out. state: what state.json holds besides the step (ema_updates, world, config, ...). policy: the
+    unwrapped transformer; trainable, ema: {name: tensor} (FSDP: shards); lora: None, or export the EMA LoRA
+    (export_lora) with these sampling settings.
     Non-finite weights or EMA stop the run instead: a NaN checkpoint must never become `latest`. A write that fails
     on any rank (a full disk) removes ckpt_N.tmp and stops every rank with one line naming the last intact
     checkpoint; every collective runs outside the writes, so a rank that fails never leaves the others waiting."""
@@ -439,7 +451,8 @@ def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora,
     tmp = final + ".tmp"
     weights = {n: prm.detach() for n, prm in trainable.items()}
     optim_state = get_optimizer_state_dict(policy, optimizer)
-    full_ema = {n: _full(t).cpu() for n, t in ema.items()} if lora else None  # gathered here: FSDP needs every rank
+    # the EMA gathered here, outside the writes: FSDP needs every rank for it
+    full_ema = {n: _full(t).cpu() for n, t in ema.items()} if lora is not None else None
 
     def stop_if_failed(error):
         """Collective: if any rank failed, remove the unfinished folder and stop every rank."""
@@ -467,8 +480,8 @@ def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora,
             torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
         torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda"
                     else []}, os.path.join(tmp, f"rng_rank{_rank()}.pt"))
-        if lora:
-            export_lora(os.path.join(tmp, "lora"), policy, full_ema)
+        if lora is not None:
+            export_lora(os.path.join(tmp, "lora"), policy, full_ema, lora)
         if master:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(dict(step=step, **state), f, indent=1)
@@ -486,9 +499,10 @@ def save(out_dir, step, state, policy, trainable, ema, optimizer, *, fsdp, lora,
     stop_if_failed(error)
 
 
-def export_lora(folder, policy, ema):
-    """The EMA LoRA in the diffusers/peft format (sample.py --lora, diffusers' load_lora_weights), written by rank 0;
-    every rank takes part (FSDP gathers the shards)."""
+def export_lora(folder, policy, ema, sampling):
+    """The EMA LoRA in the diffusers/peft format (sample.py --lora, diffusers' load_lora_weights), its adapter
+    metadata naming the base model, and sampling.json beside it: `sampling`, the settings sample.py and evaluate.py
+    --lora use by default. Written by rank 0; every rank takes part (FSDP gathers the shards)."""
     from diffusers import WanPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -497,6 +511,7 @@ def export_lora(folder, policy, ema):
         WanPipeline.save_lora_weights(folder,
                                       transformer_lora_layers=get_peft_model_state_dict(policy, state_dict=full),
                                       transformer_lora_adapter_metadata=policy.peft_config["default"].to_dict())
+        common.write_atomic(os.path.join(folder, "sampling.json"), json.dumps(sampling, indent=1))
 
 
 def load(folder, policy, trainable, ema, optimizer, *, fsdp, device, optimizer_settings):
@@ -545,3 +560,23 @@ def drop_metrics_after(out_dir, step):
             lines.pop()
         keep = [text for text, r in lines if r is None or not isinstance(r.get("step"), int) or r["step"] <= step]
         common.write_atomic(metrics, "".join(text + "\n" for text in keep))
+
+
+def provenance():
+    """What state.json records about the code that ran: its git commit ("unknown" outside a git checkout, with
+    "+modified" when files differ from it) and the versions of the libraries the numbers depend on."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10,  # noqa: E731
+                                        check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD") + ("+modified" if git("status", "--porcelain", "--untracked-files=no")
+                                             else "")
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or git too slow
+        commit = "unknown"
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "gsplat"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return dict(git_commit=commit, versions=versions)

@@ -5,6 +5,7 @@ Imports no project file (torch only); every other script imports it first.
 
 Import this module before transformers, diffusers or lpips (each script does so on its first lines).
 """
+import argparse
 import contextlib
 import datetime
 import difflib
@@ -64,19 +65,75 @@ def did_you_mean(value, valid):
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with each flag's default once, as this command line will use it: parse_flags sets the --size preset's
+    defaults before argparse prints the help. A flag whose default is None (it depends on something else) and a
+    switch (store_true) show none; the first says in its own help what it does when unset."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings \
+                or isinstance(action, argparse._StoreConstAction):
+            return text
+        return text + (' (default: "")' if action.default == "" else " (default: %(default)s)")
+
+
+def given_size(parser, argv):
+    """The --size value on the command line, or None; read before the full parse, so that the preset's defaults are
+    in place when argparse prints --help."""
+    size = next(a for a in parser._actions if a.dest == "size")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
+    pre.error = lambda message: fail(message)
+    pre.add_argument("--size", choices=size.choices, default=None)
+    return pre.parse_known_args(argv)[0].size
+
+
 def parse_flags(parser, argv, presets=None):
     """Parse argv with one-line errors: an unknown flag names the closest valid ones, a bad value says which flag.
-    presets: {name: {flag: default}} keyed by --size; the chosen preset becomes the defaults, explicit flags win."""
+    presets: {size: {flag: default}} keyed by --size; the preset of the --size given (else of the parser's default,
+    else the first) becomes the defaults, and explicit flags win. The defaults are set before parsing, so --help
+    prints the ones this command line gets."""
     parser.error = lambda message: fail(message)  # argparse would print the whole usage block first
+    if presets is not None:
+        size = given_size(parser, argv) or parser.get_default("size") or next(iter(presets))
+        dests = {action.dest for action in parser._actions}
+        parser.set_defaults(**{k: v for k, v in presets[size].items() if k in dests})
     args, unknown = parser.parse_known_args(argv)
     for flag in unknown:
         key = flag.split("=")[0]
         names = [name for action in parser._actions for name in action.option_strings]
         fail(f"unknown argument {flag}" + did_you_mean(key, names))
-    if presets is not None:
-        parser.set_defaults(**{k: v for k, v in presets[args.size].items() if k in vars(args)})
-        args = parser.parse_args(argv)
     return args
+
+
+def config_argv(parser, values, source, ignore=()):
+    """{flag: value} (a JSON config, a checkpoint's saved config) -> the command-line words that set them, e.g.
+    ["--lr=0.0001", "--fsdp"], so that argparse checks them as it checks typed flags and flags typed after them
+    win. None means unset (the default applies); a switch is given when true (a --x/--no-x one either way); keys in
+    `ignore` are skipped. A key that is no flag, or a value the flag refuses, stops with one line naming `source`."""
+    if not isinstance(values, dict):
+        fail(f"{source} must hold a JSON object of flag values, e.g. {{\"lr\": 0.0001}}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    words = []
+    for key, value in values.items():
+        if key in ignore:
+            continue
+        if key not in actions:
+            fail(f"{source}: {key!r} is not a flag" + did_you_mean(key, list(actions)))
+        action = actions[key]
+        switch = action.nargs == 0
+        if switch and not isinstance(value, bool) and value is not None or not switch and isinstance(value, bool):
+            fail(f"{source}: {key}={json.dumps(value)} is not a valid value for --{key}")
+        if value is None or (switch and not value and isinstance(action, argparse._StoreConstAction)):
+            continue
+        words.append(f"--{key}" if switch and value else f"--no-{key}" if switch else f"--{key}={value}")
+    error = parser.error
+    parser.error = lambda message: fail(f"{source}: {message}")  # the file's words alone, so errors name the file
+    try:
+        parser.parse_known_args(words)
+    finally:
+        parser.error = error
+    return words
 
 
 def check_numbers(args, positive=(), nonnegative=(), finite=()):
@@ -313,11 +370,13 @@ def build_in(device, dtype):
 
 
 def add_dist_flags(parser):
-    """The two process-wide flags every multi-GPU script takes (train.py, evaluate.py); common.setup_dist uses them."""
+    """The two process-wide flags every multi-GPU script takes (train.py, evaluate.py); common.setup_dist uses them.
+    They change how a run computes, not what it optimises: a resumed run takes them from its checkpoint like every
+    setting, and may change them (--no-deterministic turns a saved --deterministic off)."""
     parser.add_argument("--dist_timeout", type=float, default=60,
                         help="minutes a rank waits in a collective before the run stops: on a first run other ranks "
                              "wait while gsplat builds and the weights download (NCCL's own default is 10)")
-    parser.add_argument("--deterministic", action="store_true",
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                         help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS workspace "
                              ":4096:8), slower; the CPU is deterministic already (docs/DESIGN.md, Determinism)")
 

@@ -48,6 +48,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import checkpoint
 import models
@@ -56,6 +57,7 @@ import reward
 import sample
 
 LIMIT = {"tiny": 6}  # prompts evaluated by default per --size (tiny: a CPU run); the other sizes take them all
+PRESETS = {size: {**config, "limit": LIMIT.get(size)} for size, config in models.SIZES.items()}  # flag defaults
 FPS = 16  # Wan2.1 makes 16 fps video; VBench's dynamic degree samples frames at ~8 fps
 # Settings a checkpoint's state.json fixes for the evaluation (an explicit flag still wins).
 FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "negative_prompt", "warp_mode",
@@ -85,35 +87,43 @@ PAPER = [("Wan2.1-T2V-1.3B", 17.40, 0.550, 0.467, 96.34), ("World-R1-Small", 27.
 # Command line: everything is checked here, before any model loads
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate Wan2.1, base vs a World-R1 checkpoint.")
-    p.add_argument("--size", choices=list(models.SIZES), default=None, help="preset: tiny (CPU), small, large "
-                   "(default: the checkpoint's, else tiny)")
+    p = argparse.ArgumentParser(description="Evaluate Wan2.1, base vs a World-R1 checkpoint.",
+                                formatter_class=common.HelpFormatter,
+                                epilog="With --ckpt, the video size, text length, guidance, negative prompt and "
+                                       "camera warp default to the checkpoint's training config; with a --lora that "
+                                       "train.py exported, to its sampling.json (which also sets the steps). Flags "
+                                       "given here override them.")
+    p.add_argument("--size", choices=list(models.SIZES), default=None,
+                   help="preset: tiny (CPU), small, large; unset: the checkpoint's, else tiny")
     # what to evaluate
     p.add_argument("--ckpt", default=None, help="checkpoint folder (out/ckpt_000100) or run folder (uses 'latest')")
-    p.add_argument("--lora", default=None, help="a LoRA folder exported by train.py, instead of --ckpt")
-    p.add_argument("--model", default=None, help="base model: hub id or diffusers folder (default: ckpt's/size's)")
+    p.add_argument("--lora", default=None, help="a LoRA folder instead of --ckpt: train.py's export or peft's "
+                                                "save_pretrained")
+    p.add_argument("--model", default=None, help="base model: hub id or diffusers folder; unset at tiny: random "
+                                                 "weights built in code")
     p.add_argument("--prompts", default="prompts/test.txt", help="one prompt per line")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts only (default: tiny 6, else all)")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts only; unset: all")
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, by every model")
     # sampling (defaults: the checkpoint's training config, else the size preset)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the size's, 50 real)")
-    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc", help="unipc (checkpoint) or euler")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc",
+                   help="unipc (the checkpoint's scheduler) or the Euler ODE")
     p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
     p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
     p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
     p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 5)")
-    p.add_argument("--negative_prompt", default=None, help="negative prompt (default empty)")
-    p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default=None,
-                   help="camera noise (default init)")
-    p.add_argument("--warp_strength", type=float, default=None, help="see sample.py --warp_strength")
+    p.add_argument("--guidance", type=float, default=sample.GUIDANCE, help="classifier-free guidance")
+    p.add_argument("--negative_prompt", default="", help="negative prompt")
+    p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init", help="camera noise")
+    p.add_argument("--warp_strength", type=float, default=None, help="camera noise strength; unset: "
+                                                                     + sample.WARP_STRENGTH)
     # metric models
     p.add_argument("--dtype", choices=list(models.DTYPES), default=None,
-                   help="network weights (default: bf16 on CUDA, fp32 on CPU)")
+                   help="network weights; unset: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
                    help="Gaussian rasterizer: auto = gsplat on CUDA (checked at start-up), torch elsewhere")
-    p.add_argument("--dino", default=None, help="DINO hub id or folder for subject consistency "
-                   "(default facebook/dino-vitb16; facebook/dinov2-base also works)")
+    p.add_argument("--dino", default=None, help="DINO hub id or folder for subject consistency (facebook/dinov2-base "
+                                                "also works); unset at tiny: a random DINO built in code")
     common.add_dist_flags(p)  # --dist_timeout, --deterministic
     # output
     p.add_argument("--out", default="eval", help="output folder (created)")
@@ -150,30 +160,29 @@ def resolve_checkpoint(path):
 
 
 def parse_args(argv):
-    """Flags -> resolved config. Precedence: explicit flag > checkpoint's training config > size preset.
-    Every user mistake stops here with one line saying what to do."""
+    """Flags -> resolved config. Precedence: explicit flag > the checkpoint's training config (a LoRA's
+    sampling.json) > size preset. Every user mistake stops here with one line saying what to do."""
     p = build_parser()
-    args = common.parse_flags(p, argv)
-    if args.ckpt is not None and args.lora is not None:
+    first = common.parse_flags(p, argv, PRESETS)  # what to evaluate
+    if first.ckpt is not None and first.lora is not None:
         common.fail("give --ckpt or --lora, not both")
-    args.ckpt_state, args.lora_dir, args.label = None, None, None
-    if args.ckpt is not None:
-        args.ckpt, args.ckpt_state = resolve_checkpoint(args.ckpt)
-        args.lora_dir = os.path.join(args.ckpt, "lora")
-        args.label = os.path.basename(os.path.normpath(args.ckpt))
-    elif args.lora is not None:
-        sample.check_lora_file(args.lora, "--lora")
-        args.lora_dir, args.label = args.lora, "lora:" + os.path.basename(os.path.normpath(args.lora))
-    cfg = (args.ckpt_state or {}).get("config", {})
-    if args.size is not None and cfg.get("size") not in (None, args.size):
-        common.fail(f"--size={args.size} but the checkpoint was trained at --size={cfg['size']}; drop --size")
-    args.size = args.size or cfg.get("size") or "tiny"
-    preset = {**models.SIZES[args.size], "limit": LIMIT.get(args.size), "guidance": sample.GUIDANCE,
-              "negative_prompt": "", "warp_mode": "init"}
-    for key in ("model", "frames", "height", "width", "steps", "text_len", "guidance", "negative_prompt",
-                "warp_mode", "warp_strength", "limit", "dino"):
-        if getattr(args, key) is None:
-            setattr(args, key, cfg[key] if key in FROM_CKPT and cfg.get(key) is not None else preset.get(key))
+    ckpt, state, lora_dir, label, trained = None, None, None, None, {}
+    if first.ckpt is not None:
+        ckpt, state = resolve_checkpoint(first.ckpt)
+        lora_dir, label = os.path.join(ckpt, "lora"), os.path.basename(os.path.normpath(ckpt))
+        trained = {k: state.get("config", {}).get(k) for k in ("size", *FROM_CKPT)}
+    elif first.lora is not None:
+        sample.check_lora_file(first.lora, "--lora")
+        lora_dir, label = first.lora, "lora:" + os.path.basename(os.path.normpath(first.lora))
+        trained = sample.sampling_settings(first.lora)
+    if first.size is not None and trained.get("size") not in (None, first.size):
+        common.fail(f"--size={first.size} but the checkpoint was trained at --size={trained['size']}; drop --size")
+    source = os.path.join(ckpt, "state.json") if ckpt else os.path.join(lora_dir or ".", sample.SAMPLING_FILE)
+    words = common.config_argv(p, trained, source)
+    args = common.parse_flags(p, words + list(argv), PRESETS)
+    args.ckpt, args.ckpt_state, args.lora_dir, args.label = ckpt, state, lora_dir, label
+    args.size = args.size or "tiny"
+    cfg = (state or {}).get("config", {})
     args.warp_strength = sample.warp_strength(args.size, args.warp_mode, args.warp_strength)
     args.reward_kw = {k: cfg.get(k, v) for k, v in reward.DEFAULTS.items()}  # as the checkpoint was trained
     args.dino_px, args.raft, args.flow_iters = (models.SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
@@ -637,13 +646,13 @@ def main(argv=None):
     for m, name in enumerate(names):
         if m == 1:
             wan.transformer.enable_lora()
-        for i in mine:
+        for i in tqdm(mine, desc=name, unit="prompt", disable=rank != 0, dynamic_ncols=True):  # rank 0's bar
             t0 = time.time()
             video = sample.generate(wan, prompts[i], args.seed + i, frames=args.frames, height=args.height,
                                     width=args.width, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                                     text_len=args.text_len, negative_prompt=args.negative_prompt,
                                     warp_mode=args.warp_mode, warp_strength=args.warp_strength,
-                                    embeddings=embeddings)  # (F, 3, H, W)
+                                    embeddings=embeddings, progress=rank == 0, delay=sample.BAR_DELAY)  # (F, 3, H, W)
             t1 = time.time()
             path = noise_warp.requested_path(noise_warp.parse_camera(prompts[i]), args.frames)
             row, why = evaluate_video(video, prompts[i], path, critics, dino, raft, args)
@@ -656,9 +665,14 @@ def main(argv=None):
                     sample.save_video(os.path.join(args.out, "videos", name, f"{i:04d}.mp4"), video)
                 except OSError as e:
                     common.fail(f"cannot write a video in --out={args.out} ({common.why(e)})")
-            print(f"[rank {rank}] {name} #{i}: NV-PSNR {row['NV_PSNR']:.2f} RotErr {row['RotErr']:.3f} reward "
-                  f"{row['reward']:.3f} | sample {t1 - t0:.1f}s metrics {time.time() - t1:.1f}s"
-                  + (f" | {why}" if why else ""), flush=True)
+            line = (f"[rank {rank}] {name} #{i}: NV-PSNR {row['NV_PSNR']:.2f} RotErr {row['RotErr']:.3f} reward "
+                    f"{row['reward']:.3f} | sample {t1 - t0:.1f}s metrics {time.time() - t1:.1f}s"
+                    + (f" | {why}" if why else ""))
+            if rank == 0:
+                tqdm.write(line)  # above the bar
+                sys.stdout.flush()
+            else:
+                print(line, flush=True)
 
     # Each row was filled by exactly one rank (zeros elsewhere), so the sum is the table, exactly.
     if dist.is_initialized():

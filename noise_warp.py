@@ -59,6 +59,7 @@ TIME_STRIDE = 4  # Wan's VAE keeps video frames 0, 4, 8, ... as latent frames
 GOLDEN = (math.sqrt(5) - 1) / 2  # per-frame rounding dither frac(k GOLDEN): evenly spread for every k
 WARP_SCALE = 16  # the noise is transported on a grid this many times finer than the latent (the release's)
 DEGRADATION = 0.35  # share of fresh noise mixed into the warped noise (the release's)
+PLANE_DEPTH = 1000.0  # depth of the plane whose flow the warp follows (the release's); a path's unit of depth
 
 
 def parse_camera(prompt):
@@ -176,7 +177,7 @@ def path_stats(path):
 # ----------------------------------------------------------------------------------------------------------
 # poses -> optical flow
 
-def plane_flow(pose_a, pose_b, height, width, focal=None, depth=1000.0):
+def plane_flow(pose_a, pose_b, height, width, focal=None, depth=PLANE_DEPTH):
     """Flow (2, H, W) = (dx, dy) in pixels of a plane Z = depth (in camera a) seen from rigid pose_a then pose_b.
 
     [R | t] = pose_b^-1 pose_a; X = (u d/f, v d/f, d) with u = j - W/2, v = i - H/2; X' = R X + t;

@@ -496,12 +496,23 @@ def qwen_grade(critics, image, prompt):
 
 
 @torch.no_grad()
-def s_meta(critics, lf, prompt, angle=DEFAULTS["meta_angle"]):
-    """Qwen3-VL's grade of the render from the meta view (at the middle camera's intrinsics)."""
+def meta_view(lf, angle=DEFAULTS["meta_angle"]):
+    """The render S_meta grades: all Gaussians seen from meta_camera, at the middle camera's intrinsics and the lift
+    resolution -> (3, h, w), not clamped (qwen_grade takes uint8 levels of it)."""
     h, w = lf.frames.shape[-2:]
     view = meta_camera(lf.c2w, lf.depth, angle)
     rgb, _ = render(lf.gaussians, torch.linalg.inv(view)[None], lf.K[len(lf.K) // 2][None], h, w)
-    return qwen_grade(critics, rgb[0].permute(2, 0, 1), prompt)
+    return rgb[0].permute(2, 0, 1)
+
+
+@torch.no_grad()
+def s_meta(critics, lf, prompt, angle=DEFAULTS["meta_angle"], keep=None):
+    """Qwen3-VL's grade of the render from the meta view (meta_view); keep: a dict that receives the render
+    (train.py's media)."""
+    image = meta_view(lf, angle)
+    if keep is not None:
+        keep["meta_view"] = image.cpu()
+    return qwen_grade(critics, image, prompt)
 
 
 def _relative(c2w):
@@ -514,7 +525,8 @@ def _pose_error(c2w_a, c2w_b):
                                                                                          c2w_b[:, :3, :3]))
 
 
-def s_traj(est_c2w, req_c2w, rot_scale=DEFAULTS["traj_rot_scale"], scene_depth=1.0, req_depth=1000.0, kappa=0.5):
+def s_traj(est_c2w, req_c2w, rot_scale=DEFAULTS["traj_rot_scale"], scene_depth=1.0,
+           req_depth=noise_warp.PLANE_DEPTH, kappa=0.5):
     """How well the estimated camera path follows the requested one, in [0, 1], float64 inside:
 
         S   = exp(-(mean_i |c_hat_i - c_i| + mean_i geo(R_hat_i, R_i)) / tau)     L2 translation + geodesic rotation
@@ -611,7 +623,7 @@ def guard(reasons, what, fn, *args, failed=math.nan):
     return v
 
 
-def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, **settings):
+def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=None, **settings):
     """videos (B, F, 3, H, W) in [0, 1]; prompts list[str]; paths: requested c2w (F, 4, 4) per video or None
     (no camera words); settings: any of SETTINGS (w_3d, w_gen, gen_frames, gen_scale, meta_angle, traj_rot_scale),
     the rest at their defaults. -> (scores, reasons): scores a dict of float32 (B,) tensors S_meta, S_recon, S_traj,
@@ -620,7 +632,10 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, **setti
     or on which a critic fails or returns a non-finite value is "bad": its failed terms and its total are NaN, and
     the trainer gives it a score below every real video of its group (grpo.fill_bad). A prompt without camera words
     has S_traj = 0 (defined, not bad). A systemic failure (is_systemic: out of memory, CUDA, a missing package)
-    raises. lifts: a Lift per video already computed (evaluate.py), so Depth Anything 3 does not run twice."""
+    raises. lifts: a Lift per video already computed (evaluate.py), so Depth Anything 3 does not run twice.
+    seen: a list that receives per video what the 3D terms looked at (train.py's media; nothing is kept without it):
+    {"meta_view": the render S_meta graded (3, h, w), "c2w": the estimated cameras (F, 4, 4), "scene_depth": the
+    median depth of frame 0 that S_traj divides by}, as far as it got (empty for a bad video)."""
     if not len(videos) == len(prompts) == len(paths):
         raise ValueError(f"score: {len(videos)} videos, {len(prompts)} prompts, {len(paths)} paths; need one each")
     if set(settings) - set(DEFAULTS):
@@ -630,7 +645,9 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, **setti
     out = {k: [0.0] * len(videos) for k in keys}
     all_reasons = []
     for i, video in enumerate(videos):
-        reasons = []
+        reasons, kept = [], {}
+        if seen is not None:
+            seen.append(kept)
         try:
             bad = check_video(video)
         except Exception as e:  # not even a tensor of the right kind
@@ -646,7 +663,10 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, **setti
                     out["S_recon"][i] = out["S_meta"][i] = out["S_traj"][i] = math.nan
                 else:
                     out["S_recon"][i] = guard(reasons, "S_recon", s_recon, critics, lf)
-                    out["S_meta"][i] = guard(reasons, "S_meta", s_meta, critics, lf, prompts[i], s["meta_angle"])
+                    out["S_meta"][i] = guard(reasons, "S_meta", s_meta, critics, lf, prompts[i], s["meta_angle"],
+                                             kept if seen is not None else None)
+                    if seen is not None:
+                        kept.update(c2w=lf.c2w.cpu(), scene_depth=float(lf.depth[0].median()))
                     if paths[i] is None:
                         reasons.append("no camera words")
                     else:

@@ -16,6 +16,7 @@ import argparse
 import copy
 import errno
 import html
+import json
 import os
 import re
 import sys
@@ -31,8 +32,13 @@ import models
 import noise_warp
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py exports and diffusers' load_lora_weights reads
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")  # peft's save_pretrained (flow_grpo, the release)
+SAMPLING_FILE = "sampling.json"  # beside train.py's export: how the LoRA was trained to sample (train.py writes it)
+SAMPLING = ("size", "model", "frames", "height", "width", "text_len", "steps", "guidance", "negative_prompt",
+            "warp_mode", "warp_strength")  # its keys: the flags of this script that it sets
 GUIDANCE = 5.0  # classifier-free guidance of Wan2.1's pipeline and of the release's rollouts
 MAX_TEXT_LEN = 512  # Wan2.1's UMT5 text length (the pipeline's max_sequence_length): the most tokens a prompt gives
+BAR_DELAY = 5.0  # train.py and evaluate.py: a denoising loop shows its bar once it has run this long (real sizes)
 
 # -----------------------------------------------------------------------------
 # Prompts -> UMT5 embeddings
@@ -137,13 +143,14 @@ def velocity(transformer, x, sigma, cond, uncond, guidance, timestep=None):
 
 @torch.no_grad()
 def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, window=(), noise_level=0.7,
-            sde_noise="sd3", branch_at=None, group_size=1, generator=None, inject=None, progress=False):
+            sde_noise="sd3", branch_at=None, group_size=1, generator=None, inject=None, progress=False, delay=0.0):
     """Integrate x from σ = sigmas[0] to 0. Step i moves σ_i -> σ_{i+1}:
       - i in `window`: Flow-GRPO SDE step (grpo.sde_step), transition (x, x_next, log p) recorded;
       - else, with `scheduler`: its multistep update (UniPC, the inference default; its own sigmas);
       - else Euler: x + (σ_{i+1} − σ_i)·v  (the rollout ODE).
     At i == branch_at the batch is repeated group_size times: the group shares the ODE prefix, then branches.
-    inject(i, x) -> x runs after step i (the release's stepwise camera guidance).
+    inject(i, x) -> x runs after step i (the release's stepwise camera guidance). progress: a tqdm bar over the
+    steps, shown once the loop has run `delay` seconds (train.py and evaluate.py: only where sampling is slow).
     x: (B, 16, T, h, w) fp32; cond, uncond: (B, L, D). Returns (x at σ = 0, the window's transitions stacked: a dict
     with x, x_next (W, B', 16, T, h, w), log_prob (W, B') and step (W,) the step indices; None without a window).
     """
@@ -156,7 +163,7 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
         # starts from the injected sample, as Euler does.
         scheduler.disable_corrector = list(range(getattr(inject, "steps", 0)))
     recorded = []  # (step, x, x_next, log p) of each window step
-    for i in tqdm(range(len(sigmas) - 1), desc="denoise", disable=not progress, leave=False):
+    for i in tqdm(range(len(sigmas) - 1), desc="denoise", disable=not progress, leave=False, delay=delay):
         if i == branch_at:
             x, cond, uncond = (t.repeat_interleave(group_size, 0) for t in (x, cond, uncond))
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -181,7 +188,7 @@ def denoise(transformer, x, cond, uncond, sigmas, guidance, *, scheduler=None, w
 
 
 def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, window_start, window_size=2,
-            noise_level=0.7, sde_noise="sd3", generator=None, inject=None, progress=False):
+            noise_level=0.7, sde_noise="sd3", generator=None, inject=None, progress=False, delay=0.0):
     """Flow-GRPO-Fast rollout of one prompt's group: one Euler ODE prefix to `window_start`, then group_size
     branches through `window_size` SDE steps, each finished by ODE. All branches run as one batch.
     cond, uncond: (1, L, D); noise: (1, 16, T, h, w). Returns final latents (G, 16, T, h, w) and the window's
@@ -190,7 +197,7 @@ def rollout(transformer, cond, uncond, noise, sigmas, guidance, *, group_size, w
     assert window_start >= 0 and window.stop <= len(sigmas) - 1, f"window {window} outside {len(sigmas) - 1} steps"
     return denoise(transformer, noise, cond, uncond, sigmas, guidance, window=window, noise_level=noise_level,
                    sde_noise=sde_noise, branch_at=window_start, group_size=group_size, generator=generator,
-                   inject=inject, progress=progress)
+                   inject=inject, progress=progress, delay=delay)
 
 
 def step_log_prob(transformer, x, x_next, sigma, sigma_next, cond, uncond, guidance, *, noise_level, sigma_max,
@@ -219,7 +226,7 @@ def decode(vae, latents):
 
 def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guidance=GUIDANCE, sampler="unipc",
              negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=noise_warp.WARP_SCALE,
-             degradation=noise_warp.DEGRADATION, progress=False, embeddings=None):
+             degradation=noise_warp.DEGRADATION, progress=False, delay=0.0, embeddings=None):
     """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed on the CPU (all draws from one generator;
     on CUDA see docs/DESIGN.md, Determinism).
     embeddings: {prompt: states} from encode_all (holding `prompt` and `negative_prompt`), so a caller that encoded
@@ -234,7 +241,7 @@ def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guida
                                 warp_scale, degradation, device)
     sigmas = flow_sigmas(steps, wan.scheduler.config.flow_shift)
     x, _ = denoise(wan.transformer, x, cond, uncond, sigmas, guidance, generator=generator, inject=inject,
-                   scheduler=wan.scheduler if sampler == "unipc" else None, progress=progress)
+                   scheduler=wan.scheduler if sampler == "unipc" else None, progress=progress, delay=delay)
     return decode(wan.vae, x)[0]
 
 
@@ -264,16 +271,30 @@ def save_video(path, video, fps=16):
 # -----------------------------------------------------------------------------
 # LoRA adapters and prompts, checked before any sampling
 
-def check_lora_file(folder, flag="--lora"):
-    """Before any model loads: `folder` holds a readable LORA_FILE whose tensors are all finite and include
-    `transformer.*.lora_A/B` ones (the keys train.py exports). Tensors are read one at a time (LoRAs are small)."""
-    from safetensors import SafetensorError, safe_open
-
+def lora_layout(folder, flag="--lora"):
+    """A LoRA folder -> (its weights file, the prefix of its keys before the module names). Two layouts:
+    train.py's (diffusers: LORA_FILE, keys `transformer.<module>.lora_A.weight`, its LoraConfig in the file's
+    metadata) and peft's save_pretrained (PEFT_FILES: keys `base_model.model.<module>.lora_A.weight`, the LoraConfig
+    in adapter_config.json), in which flow_grpo and the World-R1 release publish theirs."""
     if not os.path.isdir(folder):
         common.fail(f"{flag}={folder} is not a folder; pass one exported by train.py")
-    path = os.path.join(folder, LORA_FILE)
-    if not os.path.isfile(path):
-        common.fail(f"{flag}={folder} has no {LORA_FILE}; pass a folder exported by train.py")
+    if os.path.isfile(os.path.join(folder, LORA_FILE)):
+        return os.path.join(folder, LORA_FILE), "transformer."
+    if os.path.isfile(os.path.join(folder, PEFT_FILES[0])):
+        if not os.path.isfile(os.path.join(folder, PEFT_FILES[1])):
+            common.fail(f"{flag}={folder} has {PEFT_FILES[0]} but no {PEFT_FILES[1]} (peft's LoRA settings); copy "
+                        "both files of the adapter")
+        return os.path.join(folder, PEFT_FILES[0]), "base_model.model."
+    common.fail(f"{flag}={folder} has no {LORA_FILE} (train.py's export) and no {' + '.join(PEFT_FILES)} (peft's "
+                "save_pretrained); pass a LoRA folder")
+
+
+def check_lora_file(folder, flag="--lora"):
+    """Before any model loads: `folder` holds a readable LoRA (lora_layout) whose tensors are all finite and include
+    `<prefix><module>.lora_A/B` ones. Tensors are read one at a time (LoRAs are small)."""
+    from safetensors import SafetensorError, safe_open
+
+    path, prefix = lora_layout(folder, flag)
     try:
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
@@ -284,14 +305,30 @@ def check_lora_file(folder, flag="--lora"):
                                 "that wrote it diverged, use an earlier checkpoint")
     except (SafetensorError, OSError) as e:
         common.fail(f"{flag}: {path} is not a readable safetensors file ({e}); it may be truncated, re-copy it")
-    if not any(k.startswith("transformer.") and ".lora_" in k for k in keys):
-        common.fail(f"{flag}: {path} holds no transformer.*.lora_A/B tensors "
+    if not any(k.startswith(prefix) and ".lora_" in k for k in keys):
+        common.fail(f"{flag}: {path} holds no {prefix}*.lora_A/B tensors "
                     f"({f'first key {keys[0]}' if keys else 'no tensors'}); pass a folder exported by train.py")
 
 
+def sampling_settings(folder, flag="--lora"):
+    """{flag: value} of the LoRA folder's SAMPLING_FILE (how its run sampled: size, video, steps, guidance, negative
+    prompt, camera warp), {} where there is none (a peft folder); unreadable -> one line."""
+    path = os.path.join(folder, SAMPLING_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as e:
+        common.fail(f"{flag}: {path} is not readable JSON ({e}); delete it to sample with this script's defaults")
+    if not isinstance(settings, dict):
+        common.fail(f"{flag}: {path} must hold a JSON object; delete it to sample with this script's defaults")
+    return {k: v for k, v in settings.items() if k in SAMPLING}
+
+
 def load_lora(transformer, folder, flag="--lora"):
-    """Load a LoRA folder into `transformer` (diffusers' load_lora_adapter, prefix "transformer") and prove it
-    landed: each `transformer.<module>.lora_{A,B}.weight` of the file must afterwards equal the model's
+    """Load a LoRA folder of either layout (lora_layout) into `transformer` (diffusers' load_lora_adapter) and prove
+    it landed: each `<prefix><module>.lora_{A,B}.weight` of the file must afterwards equal the model's
     `<module>.lora_{A,B}.<adapter>.weight`. None -> error (sampling would silently use the base model); some -> a
     warning with the counts. A file naming no module of this model stops before loading. Returns the adapter name."""
     import warnings
@@ -299,9 +336,9 @@ def load_lora(transformer, folder, flag="--lora"):
     from diffusers.utils import logging as diffusers_logging
     from safetensors import safe_open
 
-    path = os.path.join(folder, LORA_FILE)
+    path, prefix = lora_layout(folder, flag)
     with safe_open(path, "pt") as f:
-        keys = {k.removeprefix("transformer."): k for k in f.keys() if k.startswith("transformer.") and ".lora_" in k}
+        keys = {k.removeprefix(prefix): k for k in f.keys() if k.startswith(prefix) and ".lora_" in k}
     modules = {name for name, _ in transformer.named_modules()}
     targets = {k.split(".lora_")[0] for k in keys}
     if not targets & modules:
@@ -313,7 +350,16 @@ def load_lora(transformer, folder, flag="--lora"):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_FILE)
+            if prefix == "transformer.":  # its LoraConfig rides in the file's metadata
+                transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_FILE)
+            else:  # peft's: the same tensors under diffusers' names, the LoraConfig from adapter_config.json
+                from peft import LoraConfig
+                from safetensors.torch import load_file
+                config = LoraConfig.from_pretrained(folder).to_dict()
+                weights = {"transformer." + k.removeprefix(prefix): t for k, t in load_file(path).items()
+                           if k.startswith(prefix) and ".lora_" in k}
+                transformer.load_lora_adapter(weights, prefix="transformer",
+                                              metadata={f"transformer.{k}": v for k, v in config.items()})
     except (RuntimeError, ValueError) as e:
         common.fail(f"{flag}={folder} does not fit this model ({str(e).splitlines()[0]})")
     finally:
@@ -396,6 +442,11 @@ def check_text_len(text_len):
                     f"with; use at most {MAX_TEXT_LEN}")
 
 
+# What --warp_strength means when unset (the help of every script that has the flag).
+WARP_STRENGTH = ("1 with --warp_mode=init (the warped noise whole), the size's λ with stepwise ("
+                 + ", ".join(f"{size} {c['stepwise_strength']}" for size, c in models.SIZES.items()) + ")")
+
+
 def warp_strength(size, warp_mode, strength):
     """--warp_strength as given; unset in stepwise mode, the size's λ (models.SIZES stepwise_strength); unset in
     init mode, None (camera_noise then takes the warped noise whole)."""
@@ -412,33 +463,46 @@ def check_model_arg(model):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate videos with Wan2.1 and camera-warped noise.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description="Generate videos with Wan2.1 and camera-warped noise.",
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--size", choices=list(models.SIZES), default="tiny",
                    help="preset: tiny (random, CPU), small, large")
-    p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's model)")
-    p.add_argument("--lora", default=None, help="LoRA folder exported by train.py (peft/diffusers format)")
+    p.add_argument("--model", default=None, help="hub id or local diffusers folder; unset at tiny: random weights "
+                                                 "built in code")
+    p.add_argument("--lora", default=None,
+                   help=f"LoRA folder: train.py's export (its {SAMPLING_FILE}, how it was trained to sample, gives the "
+                        f"defaults of {', '.join('--' + k for k in SAMPLING)}) or peft's save_pretrained")
     p.add_argument("--prompt", default=None, help="text prompt; camera words like 'Camera orbit left.' steer it")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (then --out is a folder)")
     p.add_argument("--negative_prompt", default="", help="negative prompt for classifier-free guidance")
-    p.add_argument("--out", default=None, help="output mp4 (one prompt; default out.mp4) or folder (--prompts; "
-                   "default videos/)")
+    p.add_argument("--out", default=None, help="output: an mp4 for --prompt (unset: out.mp4), a folder for --prompts "
+                                               "(unset: videos/)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt 0; prompt i uses seed + i")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the size's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
     p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
     p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
     p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc", help="unipc (checkpoint) or euler ODE")
+    p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc",
+                   help="unipc (the checkpoint's scheduler) or the Euler ODE")
     p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init",
                    help="camera noise: init (warp the initial noise, paper), stepwise (release), none")
     p.add_argument("--warp_strength", type=float, default=None,
-                   help="init: blend weight of the warped noise (default 1); stepwise: λ (default per size)")
+                   help="init: blend weight of the warped noise; stepwise: λ. Unset: " + WARP_STRENGTH)
     p.add_argument("--warp_scale", type=int, default=noise_warp.WARP_SCALE, help="noise warp grid = latent grid x this")
     p.add_argument("--degradation", type=float, default=noise_warp.DEGRADATION,
                    help="fresh-noise share mixed into warped noise")
-    p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt (default: the size's)")
+    p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     args = common.parse_flags(p, argv, models.SIZES)
+    if args.lora is not None:  # sample as the LoRA was trained: its sampling.json, then the flags given here
+        check_lora_file(args.lora)
+        if trained := sampling_settings(args.lora):
+            words = common.config_argv(p, trained, os.path.join(args.lora, SAMPLING_FILE))
+            args = common.parse_flags(p, words + argv, models.SIZES)
+            print(f"--lora: sampling as trained ({', '.join(f'{k}={v!r}' for k, v in trained.items() if v is not None)}"
+                  f"; {SAMPLING_FILE}), flags given here override it", flush=True)
 
     # Validate everything before any model loads.
     check_video_size(args.frames, args.height, args.width)
@@ -462,8 +526,6 @@ def main(argv=None):
             common.fail(f"--out={args.out} names a file, but --prompts writes one video per line: pass a folder")
         common.check_writable_dir(args.out, "--out")
         outs = [os.path.join(args.out, f"{i:04d}.mp4") for i in range(len(prompts))]
-    if args.lora is not None:
-        check_lora_file(args.lora)
     check_model_arg(args.model)
     args.warp_strength = warp_strength(args.size, args.warp_mode, args.warp_strength)
     for line in camera_warnings(prompts, args.warp_mode):

@@ -40,6 +40,7 @@ import models
 import noise_warp
 import reward
 import sample
+import tracking
 
 # -----------------------------------------------------------------------------
 # Config: a --size preset sets the defaults (models.SIZES: networks, video, rollout steps; TRAIN: the training
@@ -53,26 +54,31 @@ TRAIN = {
     "large": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=True,
                   eval_every=30, save_every=60, max_steps=3000, grad_checkpointing=True),
 }
-PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **TRAIN[size]} for size in TRAIN}
+PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **TRAIN[size],
+                  "eval_steps": models.SIZES[size]["steps"], "log_media_every": TRAIN[size]["eval_every"]}
+           for size in TRAIN}
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=common.HelpFormatter,
                             allow_abbrev=False)
 p.add_argument("--size", choices=list(PRESETS), default="tiny", help="preset: tiny (CPU), small (1.3B), large (14B)")
 # model and video
-p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's)")
+p.add_argument("--model", default=None, help="hub id or local diffusers folder; unset at tiny: random weights built "
+                                            "in code")
 p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
 p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
 p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
 p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
 p.add_argument("--dtype", choices=list(models.DTYPES), default=None,
-               help="network weights (default: bf16 on CUDA, fp32 on CPU); SDE math, log-probs, optimizer stay fp32")
+               help="network weights (unset: bf16 on CUDA, fp32 on CPU); SDE math, log-probs, optimizer stay fp32")
 p.add_argument("--random_weights", action="store_true",
                help="the size's real architectures with random weights, nothing downloaded (smoke runs, benchmarks)")
-p.add_argument("--depth", type=int, default=None, help="with --random_weights: blocks per network (CPU smoke runs)")
+p.add_argument("--depth", type=int, default=None,
+               help="with --random_weights: blocks per network (CPU smoke runs); unset: all of them")
 # rollouts
 p.add_argument("--steps", type=int, default=None, help="denoising steps per rollout (Euler ODE + SDE window)")
 p.add_argument("--sde_window", type=int, default=2, help="SDE (trained) steps per rollout, in the first half")
-p.add_argument("--noise_level", type=float, default=0.7, help="Flow-GRPO SDE noise a: σ_t = a·sqrt(σ/(1−σ))")
+p.add_argument("--noise_level", type=float, default=0.7,
+               help="Flow-GRPO SDE noise level a of --sde_noise=sd3 (wan does not use it)")
 p.add_argument("--sde_noise", choices=grpo.SDE_NOISE, default="sd3",
                help="SDE noise schedule: sd3 (Flow-GRPO paper: a·sqrt(σ/(1−σ))) or wan (Flow-GRPO's Wan trainer: σ)")
 p.add_argument("--group_size", type=int, default=None, help="videos per prompt (G)")
@@ -80,7 +86,8 @@ p.add_argument("--prompts_per_rank", type=int, default=None, help="groups each r
 p.add_argument("--guidance", type=float, default=sample.GUIDANCE, help="classifier-free guidance in rollouts and updates")
 p.add_argument("--negative_prompt", default="", help="negative prompt (the release uses the empty string)")
 p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init", help="camera noise injection")
-p.add_argument("--warp_strength", type=float, default=None, help="see sample.py --warp_strength")
+p.add_argument("--warp_strength", type=float, default=None,
+               help="camera noise strength; unset: " + sample.WARP_STRENGTH)
 # optimisation
 p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
 p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -102,11 +109,11 @@ common.add_dist_flags(p)  # --dist_timeout, --deterministic
 p.add_argument("--max_bad_steps", type=int, default=5,
                help="stop after this many steps in a row with a non-finite update or reward, or no scorable video")
 # rewards
-p.add_argument("--reward", choices=["world", "toy"], default="world", help="world: R_3D + R_gen; toy: mean colour")
+p.add_argument("--reward", choices=["world", "toy"], default="world",
+               help="world: R_3D + R_gen; toy: mean of the final latents' channel 0 (reward.toy_reward, fast tests)")
 p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
                help="Gaussian rasterizer: auto = gsplat on CUDA (built and checked at start-up), torch elsewhere")
-p.add_argument("--lift_res", type=int, default=None,
-               help="Depth Anything 3 input size, longest side (default: the size's)")
+p.add_argument("--lift_res", type=int, default=None, help="Depth Anything 3 input size, longest side")
 for name, (default, what) in reward.SETTINGS.items():
     p.add_argument(f"--{name}", type=type(default), default=default, help=what)
 p.add_argument("--zero_advantages", action="store_true", help="control run: advantages forced to 0")
@@ -116,28 +123,86 @@ p.add_argument("--dynamic_every", type=int, default=100, help="main steps betwee
 p.add_argument("--dynamic_steps", type=int, default=50, help="steps of each dynamic phase (R_gen only)")
 p.add_argument("--eval_every", type=int, default=None, help="eval on test prompts every N steps (0: never)")
 p.add_argument("--eval_prompts", type=int, default=2, help="test prompts per eval")
-p.add_argument("--eval_steps", type=int, default=None,
-               help="UniPC steps of the eval, the inference sampler (default: the size's, 50 real)")
+p.add_argument("--eval_steps", type=int, default=None, help="UniPC steps of the eval, the inference sampler")
 p.add_argument("--save_every", type=int, default=None, help="checkpoint every N steps (and at the end)")
 p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept")
 # data, output
 p.add_argument("--train_prompts", default="prompts/train.txt", help="3D-aware training prompts")
 p.add_argument("--dynamic_prompts", default="prompts/dynamic.txt", help="dynamic-phase prompts")
 p.add_argument("--test_prompts", default="prompts/test.txt", help="eval prompts")
-p.add_argument("--out_dir", default="out", help="checkpoints, metrics.jsonl, eval videos")
-p.add_argument("--resume", action="store_true", help="continue from out_dir's latest sound checkpoint")
+p.add_argument("--out_dir", default="out", help="checkpoints, metrics.jsonl, eval videos, media, tracker files")
+p.add_argument("--resume", action="store_true",
+               help="continue from out_dir's latest sound checkpoint, with its saved config as the defaults; flags "
+                    "given here override it (one that changes what is optimised only with --allow_config_change)")
+p.add_argument("--allow_config_change", action="store_true",
+               help="let --resume change what is optimised (reward terms and scales, warp, noise, guidance, schedules)")
+p.add_argument("--config", default=None,
+               help="JSON of flag values to start from, e.g. a run's ckpt_N/state.json; flags given here override it")
 p.add_argument("--overwrite", action="store_true",
                help="start fresh in an out_dir that holds a run; the old run moves to out_dir/replaced_<time>/")
 p.add_argument("--save_on_signal", action=argparse.BooleanOptionalAction, default=True,
                help="on SIGTERM or SIGINT, checkpoint the last finished step before stopping (if it has none)")
 p.add_argument("--seed", type=int, default=0, help="all randomness derives from it and the step")
-p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (rank 0)")
-p.add_argument("--wandb_project", default="world-r1-nano", help="wandb project")
+# tracking (rank 0): metrics.jsonl always; media under out_dir/media/step_N/ and the tracker's files under out_dir
+p.add_argument("--report_to", choices=["none", "wandb", "tensorboard"], default="none",
+               help="tracker for scalars, eval videos and media (pip install wandb or tensorboard, see README)")
+p.add_argument("--tracker_project", default="world-r1-nano", help="wandb project")
+p.add_argument("--log_media_every", type=int, default=None,
+               help="every N steps: rollout videos with their rewards, the novel view S_meta graded, the estimated vs "
+                    "requested camera path (0: never)")
+
+
+# How this process was started, not what the run is: never saved as the run's config, never taken from it.
+META = ("config", "resume", "overwrite", "allow_config_change")
+
+
+def read_json(path, flag):
+    """A JSON file given by `flag`, or one line saying why it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        common.fail(f"{flag}={path} cannot be read ({e.strerror or e}); pass a JSON file of flag values")
+    except ValueError as e:
+        common.fail(f"{flag}={path} is not valid JSON ({e})")
+
+
+def saved_config(out_dir):
+    """(folder, config) of the checkpoint --resume will continue: `latest`, else the newest with a readable
+    state.json; (None, {}) if there is none (checkpoint.claim then says so, and checks the one it picks)."""
+    folders = [checkpoint.read_latest(out_dir)] + [path for _, path in reversed(checkpoint.our_checkpoints(out_dir))]
+    for folder in filter(None, folders):
+        try:
+            return folder, dict(checkpoint.read_state(folder)["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None, {}
 
 
 def parse_config(argv):
-    """Apply the --size preset, parse, validate: every mistake stops here with one line, before any model loads."""
+    """Flags -> config, validated: every mistake stops here with one line, before any model loads. Defaults, lowest
+    first: the --size preset; --config's file, or with --resume the checkpoint's saved config; then the flags given.
+    A resumed run that would change what is optimised (OBJECTIVE_ON_RESUME) stops unless --allow_config_change."""
     args = common.parse_flags(p, argv, PRESETS)
+    if args.config and args.resume:
+        common.fail("--config starts a run from a file, --resume continues one from its checkpoint's config: pick one")
+    if args.config:
+        values = read_json(args.config, "--config")
+        if isinstance(values, dict) and isinstance(values.get("config"), dict) and "step" in values:  # a state.json
+            values = {k: v for k, v in values["config"].items() if k in vars(args)}  # a removed flag: ignored
+            values.pop("out_dir", None)  # a new run, not one into the old run's folder
+        words = common.config_argv(p, values, f"--config={args.config}", ignore=META)
+        args = common.parse_flags(p, words + argv, PRESETS)
+    elif args.resume:
+        folder, saved = saved_config(args.out_dir)
+        # a removed flag is ignored; the run folder is where it is now
+        saved = {k: v for k, v in saved.items() if k in vars(args) and k not in META and k != "out_dir"}
+        args = common.parse_flags(p, common.config_argv(p, saved, f"{folder}/state.json") + argv, PRESETS)
+        changed = [k for k in OBJECTIVE_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
+        if changed and not args.allow_config_change:
+            common.fail("--resume: " + ", ".join(f"--{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in changed)
+                        + " would change what is optimised; drop them to continue the run as it was, or pass "
+                          "--allow_config_change to change it on purpose")
     sample.check_video_size(args.frames, args.height, args.width)
     common.check_numbers(args, positive=("steps", "group_size", "prompts_per_rank", "sde_window", "updates_per_epoch",
                                          "micro_batch", "lr", "max_steps", "save_every", "keep_last", "ema_every",
@@ -167,24 +232,36 @@ def parse_config(argv):
             common.fail(message)
     sample.check_text_len(args.text_len)
     common.check_text(args.negative_prompt, "--negative_prompt")
-    if args.wandb and importlib.util.find_spec("wandb") is None:
-        common.fail("--wandb needs the wandb package: pip install wandb (then wandb login)")
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        common.fail(f"--report_to={args.report_to} needs the {args.report_to} package: {tracking.INSTALL}")
     args.warp_strength = sample.warp_strength(args.size, args.warp_mode, args.warp_strength)
-    args.eval_steps = args.eval_steps or models.SIZES[args.size]["steps"]
     return args
 
 
-# Settings a resumed run must share with its checkpoint (the weights, the rollouts or the rewards would not fit), and
-# settings it may change (applied to the restored optimizer where they live there).
+# Settings a resumed run must share with its checkpoint (the weights, the rollouts or the rewards would not fit);
+# settings that change what is optimised (refused on resume unless --allow_config_change); settings applied to the
+# restored optimizer. Any other change (steps, cadences, logging) just takes effect.
 FIXED_ON_RESUME = ("size", "model", "random_weights", "depth", "frames", "height", "width", "text_len", "lora_rank",
-                   "lora_alpha", "full_finetune", "fsdp", "reward", "group_size", "w_3d", "w_gen")
+                   "lora_alpha", "full_finetune", "fsdp", "reward", "group_size")
+OBJECTIVE_ON_RESUME = (*reward.SETTINGS, "lift_res", "warp_mode", "warp_strength", "noise_level", "sde_noise",
+                       "sde_window", "steps", "guidance", "negative_prompt", "clip_range", "adv_clip", "beta",
+                       "updates_per_epoch", "max_grad_norm", "ema_decay", "ema_every", "prompts_per_rank",
+                       "dynamic_every", "dynamic_steps", "train_prompts", "dynamic_prompts", "zero_advantages")
 OPTIMIZER_ON_RESUME = ("lr", "weight_decay")
 
 
 args = parse_config(sys.argv[1:])
 rank, local_rank, world, device = common.setup_dist(args.dist_timeout, args.deterministic)
 master = rank == 0
-print0 = common.print0
+
+
+def print0(line):
+    """Print on rank 0, above the progress bar once there is one (print would tear it)."""
+    if master:
+        tqdm.write(line)
+        sys.stdout.flush()
+
+
 dtype = models.resolve_dtype(args.dtype, device)
 
 # Prompt files and batch arithmetic, checked before any model loads
@@ -206,13 +283,27 @@ for line in sample.camera_warnings(train_prompts, args.warp_mode):
 
 # The run folder: one run owns it (the lock, held until this process exits), a fresh run never mixes into an old one,
 # every rank sees the same folder, and a resumed run checks its checkpoint and config before any model loads.
-lock, resume_from, saved = checkpoint.claim(args.out_dir, vars(args), resume=args.resume, overwrite=args.overwrite,
-                                            fixed=FIXED_ON_RESUME)
+config = {k: v for k, v in vars(args).items() if k not in META}  # saved with every checkpoint
+lock, resume_from, saved = checkpoint.claim(args.out_dir, config, resume=args.resume, overwrite=args.overwrite,
+                                            fixed=FIXED_ON_RESUME + (() if args.allow_config_change else
+                                                                     OBJECTIVE_ON_RESUME))
 common.catch_signals(lambda: checkpoint.last_words(args.out_dir))  # SIGTERM, SIGINT: save and stop at a safe point
-print0(json.dumps(vars(args), indent=1))
+print0(json.dumps(config, indent=1))
 print0(f"{world} ranks x {args.prompts_per_rank} prompts x {args.group_size} videos = "
        f"{groups_per_step * args.group_size} videos per step; {transitions_per_rank} window transitions per rank "
        f"-> {args.updates_per_epoch} updates of {micro_per_update} micro-batches of <= {args.micro_batch}")
+
+# The tracker (rank 0; a no-op elsewhere), started before any model loads so that a login problem costs nothing; a
+# resumed run continues the tracker run its checkpoint names.
+tracker, error = tracking.Tracker(), ""
+if master:
+    try:
+        tracker = tracking.start(args.report_to, args.out_dir, config, project=args.tracker_project,
+                                 saved=(saved or {}).get("tracker"), first_step=saved["step"] + 1 if saved else 0)
+    except SystemExit as e:
+        error = str(e.code)
+common.stop_together(error)
+provenance = checkpoint.provenance()  # state.json: the code's git commit and the library versions
 
 # -----------------------------------------------------------------------------
 # Models: Wan (frozen) + LoRA (trained), the reward models, optimizer, EMA
@@ -230,6 +321,9 @@ else:
     from peft import LoraConfig
     policy.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    # the exported adapter names its base model (peft's adapter metadata; None would leave a LoRA nobody can place)
+    policy.peft_config["default"].base_model_name_or_path = (args.model if args.model and not args.random_weights
+                                                             else f"random {args.size} Wan2.1 (models.py)")
 if args.grad_checkpointing:
     policy.enable_gradient_checkpointing()
 trainable = {n: prm for n, prm in policy.named_parameters() if prm.requires_grad}
@@ -249,6 +343,8 @@ optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.
 ema = {n: prm.detach().clone() for n, prm in trainable.items()}
 ema_updates = 0
 print0(f"trainable parameters: {sum(prm.numel() for prm in trainable.values()) * (world if args.fsdp else 1):,}")
+# lora/sampling.json of every checkpoint: how the LoRA was trained to sample, for sample.py and evaluate.py --lora
+sampling = {k: getattr(args, k) for k in sample.SAMPLING} | {"steps": args.eval_steps}
 
 # Prompt embeddings: each prompt the run can draw is encoded once, here, and kept on the host trimmed to its tokens;
 # then UMT5 leaves the device (UMT5-XXL is 11 GB of bf16 that would otherwise sit idle beside the policy).
@@ -339,8 +435,8 @@ def rollout_generator(step, j):
 
 
 # -----------------------------------------------------------------------------
-# Logging: means over ranks, metrics.jsonl always; wandb on rank 0 when asked (a no-op object otherwise, so the loop
-# never branches)
+# Logging: means over ranks, metrics.jsonl always; the tracker on rank 0 when asked (a no-op object otherwise, so the
+# loop never branches)
 
 def all_mean(values):
     """Mean over ranks of a dict of floats (every rank holds the same keys); NaN where any rank has NaN."""
@@ -351,26 +447,11 @@ def all_mean(values):
     return dict(zip(values, t.tolist()))
 
 
-class NoWandb:
-    def log(self, *a, **k):
-        pass
-
-    def finish(self):
-        pass
-
-
-if args.wandb and master:
-    import wandb
-    run = wandb.init(project=args.wandb_project, config=vars(args))
-else:
-    run = NoWandb()
-
-
 def log(record):
     """One strict-JSON line per step: a non-finite number becomes null and its key is listed under "nonfinite"."""
     bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
     record = {k: (None if k in bad else v) for k, v in record.items()} | ({"nonfinite": bad} if bad else {})
-    run.log(record, step=record["step"])
+    tracker.log(record, record["step"])
     error = ""
     if master:
         try:  # a line and its newline, or nothing (a full disk): never half a line
@@ -381,15 +462,16 @@ def log(record):
     common.stop_together(error)
 
 
-def score_videos(videos, prompts, paths, dynamic, latents):
-    """Rewards of one group -> (totals (G,) with NaN where bad, bad (G,) bool, components {name: (G,)}, reasons)."""
+def score_videos(videos, prompts, paths, dynamic, latents, seen=None):
+    """Rewards of one group -> (totals (G,) with NaN where bad, bad (G,) bool, components {name: (G,)}, reasons).
+    seen: a list that receives what the 3D terms looked at, per video (reward.score; the media of this step)."""
     if args.reward == "toy":
         t = reward.toy_reward(latents)
         bad = ~torch.isfinite(t)
         for i in bad.nonzero()[:, 0].tolist():
             print(f"[reward] video {i} ({prompts[i][:60]!r}): toy reward not finite", flush=True)
         return t, bad, {}, ["toy reward not finite" if b else "" for b in bad]
-    scores, reasons = reward.score(critics, videos, prompts, paths, dynamic,
+    scores, reasons = reward.score(critics, videos, prompts, paths, dynamic, seen=seen,
                                    **{k: getattr(args, k) for k in reward.SETTINGS})
     parts = {k: scores[k] for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")}
     return scores["total"], scores["bad"], parts, reasons
@@ -410,7 +492,7 @@ def run_eval(step):
             noise, inject, motions = sample.camera_noise(prompt, shape, gen, args.warp_mode, args.warp_strength,
                                                          device=device)
             lat, _ = sample.denoise(policy, noise, embed([prompt]), uncond, eval_sigmas, args.guidance,
-                                    scheduler=wan.scheduler, inject=inject)
+                                    scheduler=wan.scheduler, inject=inject, progress=master, delay=sample.BAR_DELAY)
             if i >= len(test_prompts):
                 continue
             video = sample.decode(wan.vae, lat)
@@ -423,15 +505,17 @@ def run_eval(step):
             except OSError as e:
                 error = error or f"cannot write the eval video {folder}/{i:04d}.mp4 ({common.why(e)})"
     common.stop_together(error and f"{error}; {checkpoint.last_words(args.out_dir)}")
-    sums = all_mean({"total": total, "count": count})
+    sums = all_mean({"total": total, "count": count})  # every rank has written its videos once this returns
+    tracker.media(step, [("eval/video", os.path.join(folder, f"{i:04d}.mp4"), f"#{i} {prompt}")
+                         for i, prompt in enumerate(test_prompts)])
     return sums["total"] / sums["count"] if sums["count"] else math.nan
 
 
 def save(step):
     """Checkpoint the state after `step` (checkpoint.save: atomic, validated, rotated)."""
-    checkpoint.save(args.out_dir, step, dict(ema_updates=ema_updates, world=world, config=vars(args)), policy,
-                    trainable, ema, optimizer, fsdp=args.fsdp, lora=not args.full_finetune, keep_last=args.keep_last,
-                    device=device)
+    checkpoint.save(args.out_dir, step, dict(ema_updates=ema_updates, world=world, config=config, tracker=tracker.ref,
+                                             **provenance), policy, trainable, ema, optimizer, fsdp=args.fsdp,
+                    lora=None if args.full_finetune else sampling, keep_last=args.keep_last, device=device)
 
 
 def stop_if_signalled(done):
@@ -459,17 +543,20 @@ if args.resume:
     print0(f"resumed from {resume_from} (step {saved['step']})")
     start = saved["step"] + 1
 bad_steps = 0
-for step in range(start, args.max_steps):
+bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, unit="step", disable=not master,
+           dynamic_ncols=True)  # the stage in its description, the last step's reward and time in its postfix
+for step in bar:
     stop_if_signalled(step - 1)
     t0 = time.time()
     ph = phase(step)
+    show = args.log_media_every and (step + 1) % args.log_media_every == 0  # rollout media of this step (rank 0)
 
     # 1. Rollouts: one group per prompt, all on this rank
     batch = []  # one dict per group
     model.eval()
     with policy_precision():
-        for j, prompt in enumerate(tqdm(prompts_for(step), desc=f"step {step} rollouts", disable=not master,
-                                        leave=False)):
+        for j, prompt in enumerate(prompts := prompts_for(step)):
+            bar.set_description(f"step {step} rollout {j + 1}/{len(prompts)}")
             gen = rollout_generator(step, j)
             noise, inject, motions = sample.camera_noise(prompt, shape, gen, args.warp_mode, args.warp_strength,
                                                          device=device)
@@ -479,7 +566,8 @@ for step in range(start, args.max_steps):
             latents, window = sample.rollout(policy, cond, uncond, noise, sigmas, args.guidance,
                                              group_size=args.group_size, window_start=window_start,
                                              window_size=args.sde_window, noise_level=args.noise_level,
-                                             sde_noise=args.sde_noise, generator=gen, inject=inject)
+                                             sde_noise=args.sde_noise, generator=gen, inject=inject,
+                                             progress=master, delay=sample.BAR_DELAY)
             batch.append(dict(prompt=prompt, cond=cond, window=window, latents=latents,
                               videos=sample.decode(wan.vae, latents),
                               path=noise_warp.requested_path(motions, args.frames)))
@@ -489,11 +577,13 @@ for step in range(start, args.max_steps):
     # 2. Rewards -> advantages, per group (groups are rank-local). A video that cannot be scored gets a score below
     # every real video of its group; a systemic failure (out of memory, CUDA, a critic failing on every video)
     # stops all ranks together, with the last checkpoint intact.
-    error, totals, bads, parts, reasons = "", [], [], [], []
+    bar.set_description(f"step {step} reward")
+    error, totals, bads, parts, reasons, seen = "", [], [], [], [], []
     try:
-        for b in batch:
+        for k, b in enumerate(batch):
             t, bad, part, why = score_videos(b["videos"], [b["prompt"]] * args.group_size,
-                                             [b["path"]] * args.group_size, ph == "dynamic", b["latents"])
+                                             [b["path"]] * args.group_size, ph == "dynamic", b["latents"],
+                                             seen if master and show and k == 0 else None)
             totals.append(t), bads.append(bad), parts.append(part), reasons.extend(why)
     except Exception as e:  # is_systemic: every later video would fail the same way
         error = f"the reward failed at step {step} ({type(e).__name__}: {str(e)[:300]})"
@@ -520,6 +610,7 @@ for step in range(start, args.max_steps):
     cond = torch.cat([b["cond"].expand(args.sde_window * args.group_size, -1, -1) for b in batch])  # (N, L, D)
     a = adv.view(len(batch), 1, args.group_size).expand(-1, args.sde_window, -1).flatten()  # (N,)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(hash((args.seed, step, rank)) % 2**62))
+    bar.set_description(f"step {step} update")
     model.train()
     stats = []
     for u in range(args.updates_per_epoch):
@@ -595,12 +686,27 @@ for step in range(start, args.max_steps):
            f" approx_kl {record['approx_kl']:.2e} kl {record['kl']:.2e} loss {record['loss']:.4f}"
            f" gnorm {grad_norm:.3f} | rollout {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s"
            + (f" | {int(record['bad_videos'] * world)} bad videos" if record["bad_videos"] else ""))
+    error = ""
+    if master and show:  # what the reward rewarded: rank 0's first group, under out_dir/media/step_N/
+        b, folder = batch[0], os.path.join(args.out_dir, "media", f"step_{step:06d}")
+        try:
+            tracker.media(step, tracking.rollout_media(folder, b["videos"], b["prompt"], totals[0], parts[0],
+                                                       reasons[:args.group_size], seen, b["path"],
+                                                       noise_warp.PLANE_DEPTH, sample.save_video))
+        except OSError as e:  # a full disk
+            error = f"cannot write the media of step {step} in {folder} ({common.why(e)}); " \
+                    + checkpoint.last_words(args.out_dir)
+    common.stop_together(error)
     if args.eval_every and (step + 1) % args.eval_every == 0:
+        bar.set_description(f"step {step} eval")
         record["eval_reward"] = run_eval(step)
         print0(f"step {step:5d} eval reward {record['eval_reward']:.4f}")
     log(record)
     if (step + 1) % args.save_every == 0 or step == args.max_steps - 1:
+        bar.set_description(f"step {step} save")
         save(step)
+    bar.set_postfix_str(f"reward {record['reward']:.4f}, last step {time.time() - t0:.1f} s")
 
-run.finish()
+bar.close()
+tracker.finish()
 common.cleanup_dist()

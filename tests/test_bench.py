@@ -59,6 +59,7 @@ def test_real_size_shapes_have_the_published_parameter_counts():
     assert 7.6 < count(critics.hps) < 7.9  # Qwen2-VL-7B's 8.29B less its unused LM head (0.55B)
 
 
+@pytest.mark.full
 def test_tiny_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--stages", "step,rollout,passes", "--repeats", "1", "--release_config", "--json", str(out)])

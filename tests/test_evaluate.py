@@ -259,6 +259,7 @@ def oracle():
                            critics=SimpleNamespace(lpips=lp.eval()))
 
 
+@pytest.mark.full
 def test_novel_view_oracle_and_inconsistent_controls(oracle):
     """Lifts from the true depth and cameras (reward.lift_from_depth) stand in for DA3; the even-frame lift sits in
     another world (scale 2.5, a 30 deg turn, a shift), so the camera transfer is part of the test. The even
@@ -433,6 +434,7 @@ def one_process(run_dir, prompt_file, tmp_path_factory):
     return out
 
 
+@pytest.mark.full
 def test_end_to_end_writes_every_output(one_process):
     out = one_process
     for name in ("results.md", "results.json", "per_prompt.csv", "bars.png", "motions.png", "frames.png", "curves.png"):
@@ -471,6 +473,7 @@ def test_end_to_end_writes_every_output(one_process):
     assert all(r["NV_PSNR"] != "nan" for r in rows)  # the novel view needs no camera words
 
 
+@pytest.mark.full
 def test_one_and_two_processes_give_the_same_numbers(one_process, run_dir, prompt_file, tmp_path):
     out = tmp_path / "eval2"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -40,6 +40,7 @@ def test_sde_first_step_guard_is_finite():
     assert torch.isfinite(out).all() and torch.isfinite(logp).all() and torch.isfinite(std).all()
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("schedule", grpo.SDE_NOISE)
 def test_sde_and_ode_share_the_marginal_on_a_gaussian_flow(schedule):
     """Data x0 ~ N(mu, s^2), x_σ = (1 − σ)·x0 + σ·ε. The exact velocity is affine in x:

@@ -103,6 +103,7 @@ def files(tmp_path_factory):
                                                         ("lora_empty", "lora_garbage", "lora_nomatch", "lora_nan")}}
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("row", MISTAKES, ids=lambda row: f"{row[0]}:{row[2][:40]}")
 def test_mistake_is_one_line_before_loading(files, row):
     script, args, fragment, when = (*row, "load")[:4]

@@ -385,6 +385,7 @@ def test_blend():
 # ----------------------------------------------------------------------------------------------------------
 # visualiser and devices
 
+@pytest.mark.full
 def test_cli_smoke(tmp_path):
     out = tmp_path / "warp.mp4"
     cmd = [sys.executable, "noise_warp.py", "--prompt", "Camera orbit left, then push in.", "--out", str(out),

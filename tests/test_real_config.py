@@ -36,6 +36,7 @@ def test_compute_dtype_is_the_patch_embedding_not_the_first_parameter():
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
 
 
+@pytest.mark.full
 def test_bf16_sample_is_finite_and_close_to_fp32():
     kw = dict(frames=9, height=64, width=64, steps=4, text_len=16, sampler="unipc")
     videos = {}
@@ -46,6 +47,7 @@ def test_bf16_sample_is_finite_and_close_to_fp32():
     assert (videos[torch.bfloat16] - videos[torch.float32]).abs().mean() < 0.05
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("extra", [[], ["--full_finetune", "--lr=1e-4"]], ids=["lora", "full_finetune"])
 def test_bf16_train_step_keeps_sde_math_and_optimizer_in_fp32(tmp_path, extra):
     """One tiny step in bf16, the world reward and an eval included. The fully fine-tuned copy used to be cast to
@@ -72,6 +74,7 @@ def test_sde_step_is_fp32_for_bf16_inputs():
 # -----------------------------------------------------------------------------
 # FSDP2
 
+@pytest.mark.full
 @pytest.mark.parametrize("cast", [False, True], ids=["ours", "param_dtype_bf16"])
 def test_fsdp_forward_equals_unsharded_bf16_and_keeps_the_timestep(tmp_path, cast):
     """train.py's FSDP2 policy: the sharded bf16 forward equals the unsharded one and the timestep reaches the time
@@ -91,6 +94,7 @@ def test_fsdp_forward_equals_unsharded_bf16_and_keeps_the_timestep(tmp_path, cas
         assert res["max_diff"] <= 1e-2 * res["max_ref"]  # bf16 tolerance (measured: exactly equal)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("eval_prompts", [1, 3])
 @pytest.mark.parametrize("extra", [["--fsdp"], []], ids=["fsdp", "ddp"])
 def test_eval_on_two_ranks_for_any_number_of_prompts(tmp_path, eval_prompts, extra):
@@ -131,6 +135,7 @@ BROKEN_S_RECON = ("import reward\n"
     (BROKEN_RENDERER, "rasterizer failed on a synthetic scene"),
     (BROKEN_S_RECON, "S_recon failed on every video of step 0"),
 ], ids=["at_start_up", "mid_run"])
+@pytest.mark.full
 def test_a_broken_renderer_stops_training_instead_of_scoring_zero(tmp_path, wrapper, message):
     out = tmp_path / "run"
     proc = run(["--size=tiny", "--max_steps=2", "--eval_every=0", "--group_size=2", "--prompts_per_rank=1"], out,
@@ -174,6 +179,7 @@ def test_score_marks_black_and_failing_videos_bad_and_raises_systemic_failures(m
         reward.score(critics, videos[:1], ["a cat"], [None], dynamic=True)
 
 
+@pytest.mark.full
 def test_a_rank_that_sees_another_out_dir_stops_every_rank(tmp_path):
     """Node-local disks: rank 1 writing elsewhere than rank 0 would lose its checkpoint shards mid-run. Simulated by
     giving rank 1 another folder; both ranks stop at start-up with one line, before any model loads."""
@@ -192,6 +198,7 @@ def test_a_rank_that_sees_another_out_dir_stops_every_rank(tmp_path):
     assert "trainable parameters" not in proc.stdout  # stopped before the models
 
 
+@pytest.mark.full
 def test_bf16_evaluation_is_finite(tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run([sys.executable, "evaluate.py", "--size=tiny", "--dtype=bf16", "--limit=2", f"--out={out}"],

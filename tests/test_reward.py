@@ -352,6 +352,7 @@ def masked_psnr(lf, frames, mask):
     return float(-10 * torch.log10(err))
 
 
+@pytest.mark.full
 def test_synthetic_roundtrip_psnr_and_s_recon(critics, synthetic):
     frames, depth, mask, K, c2w = synthetic
     assert mask.float().mean() > 0.7
@@ -485,6 +486,7 @@ def test_hpsv3_scores_images_end_to_end(critics):
     assert abs(float(alone[0] - s[1])) < 1e-4  # padding in a batch does not change a score
 
 
+@pytest.mark.full
 def test_real_loaders_from_local_folders(critics, tmp_path, monkeypatch):
     """load_reward_models' real path, offline: a DA3 registry preset (da3-small, random) saved in DA3's hub
     checkpoint layout, the tiny Qwen3-VL and HPSv3 saved as hub folders (HPSv3 in the transformers-4.45 key
@@ -537,6 +539,7 @@ def test_real_loaders_from_local_folders(critics, tmp_path, monkeypatch):
 # score(): every component, bad videos, failing critics
 
 
+@pytest.mark.full
 def test_score_components_and_bad_videos(critics):
     gen = torch.Generator().manual_seed(0)
     good = torch.rand(9, 3, 64, 64, generator=gen)
@@ -577,6 +580,7 @@ def test_score_components_and_bad_videos(critics):
     assert why == [""] and out["R_3D"][0] == 0 and out["total"][0] == out["R_gen"][0] != 0
 
 
+@pytest.mark.full
 def test_score_reuses_a_given_lift(critics, monkeypatch):
     """score(lifts=...) gives the same components as lifting inside, without running Depth Anything 3 again."""
     good = torch.rand(9, 3, 64, 64, generator=torch.Generator().manual_seed(1))

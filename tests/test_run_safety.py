@@ -63,6 +63,7 @@ def test_rotation_settings_are_validated(tmp_path, monkeypatch, flag, message):
 # -----------------------------------------------------------------------------
 # out_dir is owned by one run
 
+@pytest.mark.full
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_moves_it_aside(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
@@ -78,6 +79,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_moves_it_as
     assert [r["step"] for r in strict_records(out)] == [0] and (out / "ckpt_best").exists()
 
 
+@pytest.mark.full
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_finishes_untouched(tmp_path):
     out = tmp_path / "run"
     first = run(FAST + ["--max_steps=4"], out, background=True)
@@ -103,12 +105,14 @@ def one_step_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.full
 def test_resume_refuses_incompatible_settings_before_loading(one_step_run, monkeypatch):
     msg = in_process(monkeypatch, FAST + ["--resume", "--lora_rank=4", "--group_size=2",
                                           f"--out_dir={one_step_run}"])
     assert "--lora_rank=4 (checkpoint: 8)" in msg and "--group_size=2 (checkpoint: 4)" in msg
 
 
+@pytest.mark.full
 def test_resume_applies_a_new_learning_rate(one_step_run, tmp_path):
     import shutil
     out = tmp_path / "copy"
@@ -129,6 +133,7 @@ def corrupt(path, how):
         open(path, "wb").write(data[:len(data) // 2])
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("how, file", [("nan", "trainable.safetensors"), ("truncated", "ema.safetensors"),
                                        ("truncated", "optimizer.pt")])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(one_step_run, tmp_path, how, file):
@@ -168,6 +173,7 @@ NAN_WEIGHTS = ("import torch\n"
                "torch.optim.AdamW.step = step\n")
 
 
+@pytest.mark.full
 def test_a_nan_reward_does_not_zero_its_group_and_metrics_stay_strict_json(tmp_path):
     out = tmp_path / "run"
     proc = run(FAST + ["--max_steps=2", "--save_every=100"], out, wrapper=NAN_REWARD)
@@ -177,6 +183,7 @@ def test_a_nan_reward_does_not_zero_its_group_and_metrics_stay_strict_json(tmp_p
     assert all(r["reasons"] == {"toy reward not finite": 2} for r in recs)
 
 
+@pytest.mark.full
 def test_non_finite_weights_are_never_saved(tmp_path):
     out = tmp_path / "run"
     proc = run(FAST + ["--max_steps=2", "--save_every=1"], out, check=False, wrapper=NAN_WEIGHTS)

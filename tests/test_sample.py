@@ -69,6 +69,7 @@ def test_unipc_loop_matches_wan_pipeline(wan):
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.full
 def test_decode_matches_wan_pipeline(wan):
     x = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     ref = _pipe(wan, wan.scheduler)(prompt=PROMPT, height=64, width=64, num_frames=9, num_inference_steps=1,
@@ -80,6 +81,7 @@ def test_decode_matches_wan_pipeline(wan):
     torch.testing.assert_close(sample.decode(wan.vae, lat), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.full
 def test_tiny_vae_brightness_follows_latent_channel_0(wan):
     """What the world-reward learning test (tests/test_train.py) relies on, from models.show_latent_brightness: the
     tiny VAE's mean colour rises with latent channel 0, at every step of a -2..2 sweep, and each frame keeps a
@@ -93,6 +95,7 @@ def test_tiny_vae_brightness_follows_latent_channel_0(wan):
     assert (videos[2].std(dim=(1, 2, 3)) > 0.05).all()
 
 
+@pytest.mark.full
 def test_same_seed_same_video_different_seed_differs(wan):
     a = sample.generate(wan, "Camera pan left. " + PROMPT, 3, **KW)
     b = sample.generate(wan, "Camera pan left. " + PROMPT, 3, **KW)
@@ -102,6 +105,7 @@ def test_same_seed_same_video_different_seed_differs(wan):
     assert (a - c).abs().max() > 1e-3
 
 
+@pytest.mark.full
 def test_save_load_roundtrip(wan, tmp_path):
     models.save_pretrained(wan, tmp_path / "tiny")
     assert (tmp_path / "tiny" / "model_index.json").exists()
@@ -116,6 +120,7 @@ def test_cli_writes_mp4(tmp_path):
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
 
 
+@pytest.mark.full
 def test_cli_prompt_file_writes_one_video_per_line(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("Camera push in. A cup on a table.\n\nA dog in a field.\n")

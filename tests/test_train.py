@@ -21,6 +21,7 @@ def without_timing(rec):
     return {k: v for k, v in rec.items() if k not in TIMING}
 
 
+@pytest.mark.full
 def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tmp_path):
     out = tmp_path / "run"
     run(["--size=tiny", "--max_steps=3"], out)
@@ -36,7 +37,7 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
         assert (ckpt / name).exists(), name
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert sorted(os.listdir(out)) == [".lock", ".run_token", "ckpt_000000", "ckpt_000001", "ckpt_000002", "eval",
-                                       "latest", "metrics.jsonl"]
+                                       "latest", "media", "metrics.jsonl"]
 
     # the exported EMA LoRA loads into the tiny pipeline through diffusers and sample.py --lora and changes output
     import sample
@@ -50,6 +51,7 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
     assert all(v.dtype == torch.float32 for v in ema.values())
 
 
+@pytest.mark.full
 def test_learning_with_toy_reward_and_zero_advantage_control(tmp_path):
     """30 steps on the toy reward (mean of latent channel 0) raise it; forcing advantages to 0 leaves it flat.
     Also the on-policy check: update 0 of every epoch has ratio 1 (clip fraction 0), update 1 does not."""
@@ -67,6 +69,7 @@ def test_learning_with_toy_reward_and_zero_advantage_control(tmp_path):
     assert sum(r["clip_frac_1"] > 0 for r in recs) >= 5  # measured 8 of 30 (seed 1)
 
 
+@pytest.mark.full
 def test_learning_with_the_world_reward_and_zero_advantage_control(tmp_path):
     """30 steps with the real reward.score (R_3D + R_gen from the random tiny critics, decoded through the tiny VAE)
     raise the reward above the same run with advantages forced to 0. The two runs draw the same prompts and noise,
@@ -85,6 +88,7 @@ def test_learning_with_the_world_reward_and_zero_advantage_control(tmp_path):
     assert abs(sum(c_recon[-5:]) / 5 - sum(c_recon[:5]) / 5) < 0.005, c_recon  # measured -0.0003
 
 
+@pytest.mark.full
 def test_dynamic_phase_every_third_step_scores_r_gen_only(tmp_path):
     out = tmp_path / "dyn"
     run(["--size=tiny", "--max_steps=6", "--dynamic_every=2", "--dynamic_steps=1", "--eval_every=0",
@@ -103,6 +107,7 @@ def test_dynamic_phase_every_third_step_scores_r_gen_only(tmp_path):
             assert r["R_3D"] > 0
 
 
+@pytest.mark.full
 def test_resume_is_bitwise_and_a_crash_while_saving_keeps_the_last_checkpoint(tmp_path):
     args = ["--size=tiny", "--max_steps=5", "--save_every=1", "--reward=toy", "--eval_every=0"]
     run(args, tmp_path / "full")
@@ -139,6 +144,7 @@ def test_resume_is_bitwise_and_a_crash_while_saving_keeps_the_last_checkpoint(tm
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+@pytest.mark.full
 def test_full_finetune_trains_every_weight_against_a_frozen_copy(tmp_path):
     out = tmp_path / "full"
     run(["--size=tiny", "--max_steps=1", "--full_finetune", "--lr=1e-4"] + TOY, out)
@@ -160,6 +166,7 @@ EVERY_RANK_SAVES = (
     "checkpoint.save = save\n")
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
 def test_torchrun_two_cpu_processes(tmp_path, extra):
     """Two gloo ranks: DDP keeps parameters identical on both after every step (each rank's weights, saved at every
@@ -190,7 +197,7 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     (["--sde_window=9"], "must fit in the first half"),
     (["--frames=10"], "4k+1"),
     (["--dist_timeout=0"], "--dist_timeout=0.0 must be a positive number of minutes"),
-    (["--wandb"], "pip install wandb"),
+    (["--report_to=mlflow"], "argument --report_to: invalid choice: 'mlflow'"),  # a missing package: test_tracking
     (["--out_dir=" + os.path.abspath(__file__)], "cannot create the folder --out_dir"),  # a file, not a folder
 ])
 def test_bad_config_stops_before_loading_models(tmp_path, monkeypatch, capsys, args, message):
