@@ -375,7 +375,7 @@ def add_dist_flags(parser):
     setting, and may change them (--no-deterministic turns a saved --deterministic off)."""
     parser.add_argument("--dist_timeout", type=float, default=60,
                         help="minutes a rank waits in a collective before the run stops: on a first run other ranks "
-                             "wait while gsplat builds and the weights download (NCCL's own default is 10)")
+                             "wait while gsplat builds and the weights download (NCCL's own watchdog: 10)")
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                         help="CUDA: deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS workspace "
                              ":4096:8), slower; the CPU is deterministic already (docs/DESIGN.md, Determinism)")

@@ -96,6 +96,7 @@ def test_a_stage_that_raises_leaves_the_earlier_figures_in_the_json(tmp_path, mo
     assert rows[1]["error"] == "RuntimeError: CUDA out of memory (simulated)"
 
 
+@pytest.mark.full
 def test_rollout_on_a_smaller_group_is_scaled_by_forward_passes_and_labelled(tmp_path, monkeypatch):
     """--rollout_group=2 rolls out groups of 2 and reports the group of 8 as (forwards of 8) / (forwards of 2) times
     the measured time; at the real size (here: COLD_TOKENS lowered) there is no warm-up run."""
@@ -122,6 +123,7 @@ def train_presets():
     return eval(compile(ast.Expression(node.value), "train.py", "eval"), {"dict": dict})
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("flag, recomputed", [([], False), (["--grad_checkpointing"], True)])
 def test_train_stage_checkpoints_where_train_py_does(tmp_path, monkeypatch, flag, recomputed):
     """bench's default per size is train.py's preset; with checkpointing on, every block runs twice per micro-step

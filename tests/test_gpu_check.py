@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from tools import gpu_check_summary
 from trainrun import ROOT
 
@@ -80,6 +82,7 @@ def gpu_check(out, *parts):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.full
 def test_cpu_dry_run_of_the_quick_parts_over_two_calls(tmp_path):
     """Two calls into one OUTDIR: the second adds to the first's summary; OUTDIR stays within the limits; the parts
     run in gpu_check.sh's order whatever the order named; an unknown part is one line."""

@@ -119,6 +119,7 @@ def test_01_an_empty_out_dir_is_refused_instead_of_the_current_folder(monkeypatc
     assert set(os.listdir(ROOT)) == before  # no .lock, .run_token or checkpoint in the current folder
 
 
+@pytest.mark.full
 def test_02_links_planted_in_the_run_folder_are_never_followed(run2, T, tmp_path):
     out = copy_of(run2, tmp_path)
     victims = {}
@@ -145,6 +146,7 @@ def test_02_a_link_as_the_lock_or_the_log_is_refused_before_loading(monkeypatch,
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.full
 def test_03_a_cut_last_line_and_a_note_in_metrics_do_not_stop_resume(run2, T, tmp_path):
     out = copy_of(run2, tmp_path)
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -156,6 +158,7 @@ def test_03_a_cut_last_line_and_a_note_in_metrics_do_not_stop_resume(run2, T, tm
     assert text.endswith("\n") and '"loss": 0.\n' not in text
 
 
+@pytest.mark.full
 def test_03_a_full_disk_in_the_metrics_append_leaves_whole_lines_and_one_error(T, tmp_path):
     """A metrics line is ~500 bytes: step 0's fits under the limit, step 1's is cut by it (checkpoints: only at the
     end)."""
@@ -220,6 +223,7 @@ FAST_EVALUATE = ("import evaluate, models, reward\n"
                  "evaluate.evaluate_video = lambda *a, **k: ({key: 0.5 for key in evaluate.KEYS}, '')\n")
 
 
+@pytest.mark.full
 def test_05_evaluate_on_a_full_disk_prints_the_table_and_leaves_no_cut_file(tmp_path, p4):
     out = tmp_path / "eval"
     argv = ["--prompts", p4, "--limit", "2", "--steps", "2", "--out", str(out)]
@@ -236,6 +240,7 @@ def test_05_evaluate_on_a_full_disk_prints_the_table_and_leaves_no_cut_file(tmp_
             json.loads((out / name).read_text())
 
 
+@pytest.mark.full
 def test_06_a_state_that_disagrees_with_its_folder_name_is_not_resumed(run2, tmp_path, capsys):
     out = copy_of(run2, tmp_path)
     shutil.copy(out / "ckpt_000000" / "state.json", out / "ckpt_000001" / "state.json")  # "step": 0 in ckpt_000001
@@ -247,6 +252,7 @@ def test_06_a_state_that_disagrees_with_its_folder_name_is_not_resumed(run2, tmp
 # -----------------------------------------------------------------------------
 # Silent wrong results
 
+@pytest.mark.full
 def test_07_sample_on_a_full_disk_fails_instead_of_writing_a_cut_video(tmp_path):
     out = tmp_path / "x.mp4"
     proc = script("sample.py", ["--prompt", PROMPTS[0], "--steps", "2", "--out", str(out)], full_disk(4096))
@@ -256,6 +262,7 @@ def test_07_sample_on_a_full_disk_fails_instead_of_writing_a_cut_video(tmp_path)
     assert os.listdir(tmp_path) == []  # neither x.mp4 nor its temporary
 
 
+@pytest.mark.full
 def test_07_train_eval_video_on_a_full_disk_stops_with_one_line(T, tmp_path):
     out = tmp_path / "run"
     proc = run(T + ["--max_steps=1", "--save_every=100", "--eval_every=1", "--eval_prompts=1", "--eval_steps=2"], out,
@@ -267,6 +274,7 @@ def test_07_train_eval_video_on_a_full_disk_stops_with_one_line(T, tmp_path):
     assert os.listdir(out / "eval" / "step_000000") == []
 
 
+@pytest.mark.full
 def test_08_latest_naming_a_folder_outside_the_run_is_not_followed(run2, tmp_path, capsys):
     out, other = copy_of(run2, tmp_path), copy_of(run2, tmp_path, "other")
     (out / "latest").write_text("../other/ckpt_000001")
@@ -299,6 +307,7 @@ ALL_BAD = ("import models, reward, torch\n"
            "reward.score = score\n")
 
 
+@pytest.mark.full
 def test_09_steps_without_a_scorable_video_count_toward_max_bad_steps(T, tmp_path):
     world = [a for a in T if a != "--reward=toy"]
     out = tmp_path / "run"
@@ -318,6 +327,7 @@ def claim_again(out, **changes):
     return folder, state
 
 
+@pytest.mark.full
 def test_10_a_change_of_rank_count_on_resume_is_reported(run2, tmp_path, capsys):
     out = copy_of(run2, tmp_path)
     state = json.loads((out / "ckpt_000001" / "state.json").read_text())
@@ -338,6 +348,7 @@ def test_11_a_form_feed_or_line_separator_stays_inside_its_prompt(tmp_path):
 # -----------------------------------------------------------------------------
 # Tracebacks where an error line belongs
 
+@pytest.mark.full
 def test_12_a_corrupt_rng_state_falls_back_to_the_previous_checkpoint(run2, tmp_path, capsys):
     out = copy_of(run2, tmp_path)
     data = (out / "ckpt_000001" / "rng_rank0.pt").read_bytes()
@@ -388,6 +399,7 @@ def test_12_a_corrupt_or_hostile_fsdp_checkpoint_falls_back(tmp_path, capsys, mo
     assert not (tmp_path / "planted_by_metadata").exists()
 
 
+@pytest.mark.full
 def test_13_a_full_disk_while_checkpointing_stops_with_one_line_and_no_tmp(T, tmp_path):
     """The tiny LoRA's weight files are ~33 KB: over the limit; the metrics line is not."""
     out = tmp_path / "run"
@@ -400,6 +412,7 @@ def test_13_a_full_disk_while_checkpointing_stops_with_one_line_and_no_tmp(T, tm
     assert sorted(os.listdir(out)) == [".lock", ".run_token", "metrics.jsonl"]
 
 
+@pytest.mark.full
 def test_13_an_unfinished_checkpoint_is_removed_on_resume(run2, tmp_path, capsys):
     out = copy_of(run2, tmp_path)
     (out / "ckpt_000007.tmp").mkdir()  # step 7 will not be saved again when the run resumes at step 2
@@ -409,6 +422,7 @@ def test_13_an_unfinished_checkpoint_is_removed_on_resume(run2, tmp_path, capsys
     assert f"removed the unfinished checkpoint {out}/ckpt_000007.tmp" in capsys.readouterr().out
 
 
+@pytest.mark.full
 def test_14_a_checkpoint_folder_that_is_a_link_is_left_alone(run2, tmp_path):
     out = copy_of(run2, tmp_path)
     shutil.move(out / "ckpt_000000", tmp_path / "kept_elsewhere")
@@ -427,6 +441,7 @@ def test_15_fsdp_without_torchrun_is_refused_before_loading(monkeypatch, T, tmp_
         in_process(monkeypatch, "train.py", T + ["--fsdp", f"--out_dir={tmp_path}"])
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("change", [dict(step="1"), dict(ema_updates=None), dict(world=0), dict(config=[1])])
 def test_15_a_state_json_with_wrong_types_is_skipped(run2, tmp_path, capsys, change):
     out = copy_of(run2, tmp_path)
@@ -487,6 +502,7 @@ def test_16_sigterm_mid_step_saves_the_last_finished_step_and_resume_is_bitwise(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.full
 def test_16_ctrl_c_finishes_the_step_and_no_save_on_signal_saves_nothing(T, tmp_path):
     """SIGINT (Ctrl-C) during step 1's first update: step 1 finishes and is logged; --no-save_on_signal writes no
     checkpoint that was not due; one line, no KeyboardInterrupt traceback."""
@@ -499,6 +515,7 @@ def test_16_ctrl_c_finishes_the_step_and_no_save_on_signal_saves_nothing(T, tmp_
     assert not [n for n in os.listdir(out) if n.startswith("ckpt_")]
 
 
+@pytest.mark.full
 def test_16_a_second_signal_stops_at_once(T, tmp_path):
     out = tmp_path / "run"
     proc = run(T + ["--max_steps=4", "--save_every=1"], out, check=False,
@@ -545,6 +562,7 @@ def test_17_a_folder_for_a_file_and_a_file_for_a_folder_are_named_so(monkeypatch
         evaluate.parse_args(["--ckpt", str(a_file)])
 
 
+@pytest.mark.full
 def test_17_a_refusal_under_torchrun_is_printed_once(run2, T, tmp_path):
     out = copy_of(run2, tmp_path)
     proc = run(T + ["--max_steps=2"], out, nproc=2, check=False)  # a fresh run into a folder that holds one
@@ -552,12 +570,14 @@ def test_17_a_refusal_under_torchrun_is_printed_once(run2, T, tmp_path):
     assert (proc.stdout + proc.stderr).count(f"error: {out} already holds a run; pass --resume") == 1
 
 
+@pytest.mark.full
 def test_17_resume_with_no_step_left_is_refused_before_loading(monkeypatch, run2, T, tmp_path):
     out = copy_of(run2, tmp_path)
     assert in_process(monkeypatch, "train.py", T + ["--max_steps=2", "--resume", f"--out_dir={out}"]) == \
         (f"error: --resume: {out}/ckpt_000001 is step 1, and --max_steps=2 leaves no step to run; raise --max_steps")
 
 
+@pytest.mark.full
 def test_17_resume_does_not_report_its_own_flag_as_a_change(run2, tmp_path, capsys):
     claim_again(copy_of(run2, tmp_path))
     assert "--resume changes" not in capsys.readouterr().out

@@ -63,6 +63,7 @@ def two_nodes(args, tmp_path):
 TINY = ["--size=tiny", "--max_steps=1", "--eval_every=0", "--group_size=2", "--prompts_per_rank=1"]
 
 
+@pytest.mark.full
 def test_first_ranks_of_two_nodes_build_one_after_the_other_and_wait_past_nccls_default(tmp_path):
     """Rank 0 builds (here: sleeps) first while rank 1, the other node's first rank, waits at the barrier; only then
     does rank 1 check its renderer. With the default --dist_timeout (60 minutes) the wait is fine and the step
@@ -100,6 +101,7 @@ def test_a_bad_timeout_is_one_line():
         common.setup_dist(0)
 
 
+@pytest.mark.full
 def test_deterministic_run_on_the_cpu_equals_the_default_run(tmp_path):
     """--deterministic turns torch's deterministic mode on, with cuBLAS's workspace setting, and the run still works:
     on the CPU, where every kernel is deterministic already, its numbers are the default run's, bitwise."""
