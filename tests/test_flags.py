@@ -201,6 +201,25 @@ def test_resume_changes_a_learning_rate_without_asking(monkeypatch, capsys, tmp_
     assert "resume: --lr changes from 0.02 to 0.5" in out and "resume: --max_steps changes from 7 to 9" in out
 
 
+def test_resume_takes_the_process_settings_and_a_flag_changes_them_without_asking(monkeypatch, capsys, tmp_path,
+                                                                                   tiny_config):
+    """--deterministic and --dist_timeout change how a run computes, not what it optimises: a resumed run takes them
+    from its checkpoint, and a flag changes them without --allow_config_change (--no-deterministic turns one off)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # common.setup_dist sets it; put back afterwards
+    switched = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", switched.append)
+    a, b = (fake_run(tmp_path / name, {**tiny_config, **RUN, "deterministic": True, "dist_timeout": 90.0})
+            for name in ("a", "b"))  # two copies: a run that got to its models keeps its folder's lock
+    error, out = train_until_models(monkeypatch, capsys, ["--resume", f"--out_dir={a}"])
+    assert error is None, error
+    assert (dumped_config(out)["deterministic"], dumped_config(out)["dist_timeout"], switched) == (True, 90.0, [True])
+    error, out = train_until_models(monkeypatch, capsys, ["--resume", "--no-deterministic", "--dist_timeout=120",
+                                                          f"--out_dir={b}"])
+    assert error is None, error
+    assert "resume: --deterministic changes from True to False" in out and switched == [True]
+    assert "resume: --dist_timeout changes from 90.0 to 120.0" in out
+
+
 # -----------------------------------------------------------------------------
 # --config FILE
 
