@@ -228,8 +228,8 @@ def test_05_evaluate_on_a_full_disk_prints_the_table_and_leaves_no_cut_file(tmp_
     out = tmp_path / "eval"
     argv = ["--prompts", p4, "--limit", "2", "--steps", "2", "--out", str(out)]
     proc = python(FAST_EVALUATE + "import common\nreal = common.setup_dist\n"  # the disk fills once the checks passed
-                  "def setup_dist():\n" + "".join("    " + line + "\n" for line in full_disk(1000).splitlines()) +
-                  f"    return real()\ncommon.setup_dist = setup_dist\nevaluate.main({argv!r})\n")
+                  "def setup_dist(*a):\n" + "".join("    " + line + "\n" for line in full_disk(1000).splitlines()) +
+                  f"    return real(*a)\ncommon.setup_dist = setup_dist\nevaluate.main({argv!r})\n")
     no_traceback(proc)
     assert proc.returncode != 0 and "| base | 0.50 | 0.500 |" in proc.stdout  # the table came first
     assert last_line(proc.stderr) == (f"error: cannot write the results in --out={out} (File too large); the table "
