@@ -385,7 +385,7 @@ def check_model_arg(model):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate videos with Wan2.1 and camera-warped noise.")
     p.add_argument("--size", choices=list(models.SIZES), default="tiny",
-                   help="preset: tiny (random, CPU), small, large")
+                   help="preset: tiny (random, CPU), toy (the trained toy world, CPU), small, large")
     p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's model)")
     p.add_argument("--lora", default=None, help="LoRA folder exported by train.py (peft/diffusers format)")
     p.add_argument("--prompt", default=None, help="text prompt; camera words like 'Camera orbit left.' steer it")

@@ -46,6 +46,9 @@ import sample
 # hyperparameters), any --key=value overrides it
 
 TRAIN = {
+    "toy": dict(group_size=8, prompts_per_rank=2, micro_batch=16, lr=3e-3, lora_rank=16, lora_alpha=32, fsdp=False,
+                eval_every=25, save_every=25, max_steps=200, grad_checkpointing=False, dynamic_every=0,
+                train_prompts="prompts/toy_train.txt", test_prompts="prompts/toy_test.txt"),
     "tiny": dict(group_size=4, prompts_per_rank=2, micro_batch=8, lr=1e-2, lora_rank=8, lora_alpha=16, fsdp=False,
                  eval_every=3, save_every=1, max_steps=3, grad_checkpointing=False),
     "small": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=False,
@@ -53,11 +56,13 @@ TRAIN = {
     "large": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=True,
                   eval_every=30, save_every=60, max_steps=3000, grad_checkpointing=True),
 }
-PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **TRAIN[size]} for size in TRAIN}
+PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **reward.defaults(size),
+                  **TRAIN[size]} for size in TRAIN}
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             allow_abbrev=False)
-p.add_argument("--size", choices=list(PRESETS), default="tiny", help="preset: tiny (CPU), small (1.3B), large (14B)")
+p.add_argument("--size", choices=list(PRESETS), default="tiny",
+               help="preset: tiny (random, CPU), toy (the trained toy world, CPU), small (1.3B), large (14B)")
 # model and video
 p.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the size's)")
 p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
@@ -168,7 +173,7 @@ def parse_config(argv):
 # Settings a resumed run must share with its checkpoint (the weights, the rollouts or the rewards would not fit), and
 # settings it may change (applied to the restored optimizer where they live there).
 FIXED_ON_RESUME = ("size", "model", "random_weights", "depth", "frames", "height", "width", "text_len", "lora_rank",
-                   "lora_alpha", "full_finetune", "fsdp", "reward", "group_size", "w_3d", "w_gen")
+                   "lora_alpha", "full_finetune", "fsdp", "reward", "group_size", "w_3d", "w_meta", "w_gen")
 OPTIMIZER_ON_RESUME = ("lr", "weight_decay")
 
 
