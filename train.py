@@ -47,7 +47,7 @@ import sample
 
 TRAIN = {
     "toy": dict(group_size=8, prompts_per_rank=2, micro_batch=16, lr=3e-3, lora_rank=16, lora_alpha=32, fsdp=False,
-                eval_every=25, save_every=25, max_steps=200, grad_checkpointing=False, dynamic_every=0,
+                eval_every=20, save_every=20, max_steps=60, grad_checkpointing=False, dynamic_every=0,
                 train_prompts="prompts/toy_train.txt", test_prompts="prompts/toy_test.txt"),
     "tiny": dict(group_size=4, prompts_per_rank=2, micro_batch=8, lr=1e-2, lora_rank=8, lora_alpha=16, fsdp=False,
                  eval_every=3, save_every=1, max_steps=3, grad_checkpointing=False),
