@@ -55,9 +55,12 @@ import models
 import noise_warp
 import reward
 import sample
+import toyworld
 
 LIMIT = {"tiny": 6}  # prompts evaluated by default per --size (tiny: a CPU run); the other sizes take them all
-PRESETS = {size: {**config, "limit": LIMIT.get(size)} for size, config in models.SIZES.items()}  # flag defaults
+PROMPTS = {"toy": "prompts/toy_test.txt"}  # test prompts per --size, where not prompts/test.txt
+PRESETS = {size: {**config, "limit": LIMIT.get(size), "prompts": PROMPTS.get(size, "prompts/test.txt")}
+           for size, config in models.SIZES.items()}  # flag defaults
 FPS = 16  # Wan2.1 makes 16 fps video; VBench's dynamic degree samples frames at ~8 fps
 # Settings a checkpoint's state.json fixes for the evaluation (an explicit flag still wins).
 FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "negative_prompt", "warp_mode",
@@ -66,6 +69,7 @@ FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "nega
 # Per-video metrics: key -> (table header with the better direction, number format). Order = column order; the
 # novel-view PSNR comes first, the headline 3D number.
 METRICS = {
+    "Consistent": ("Consistent%↑", ".1f"), "CamFollow": ("CamFollow%↑", ".1f"),  # the toy world's judge
     "NV_PSNR": ("NV-PSNR↑", ".2f"), "NV_SSIM": ("NV-SSIM↑", ".3f"), "NV_LPIPS": ("NV-LPIPS↓", ".3f"),
     "OV_PSNR": ("OV-PSNR↑", ".2f"), "OV_SSIM": ("OV-SSIM↑", ".3f"), "OV_LPIPS": ("OV-LPIPS↓", ".3f"),
     "RotErr": ("RotErr rad↓", ".3f"), "TransErr": ("TransErr↓", ".3f"), "CamMC": ("CamMC↓", ".3f"),
@@ -77,7 +81,8 @@ METRICS = {
 KEYS = list(METRICS)
 REWARD_KEYS = ["S_meta", "S_recon", "S_traj", "R_3D", "R_gen", "reward"]  # a table of their own in results.md
 MAIN_KEYS = [k for k in KEYS if k not in REWARD_KEYS]
-MOTION_KEYS = ("NV_PSNR", "OV_PSNR", "RotErr", "TransErr", "SubjCons", "reward")
+MOTION_KEYS = ("Consistent", "CamFollow", "NV_PSNR", "OV_PSNR", "RotErr", "TransErr", "SubjCons", "reward")  # first 6
+# with a value
 # The paper's own numbers (the World-R1 project page: Table 1 at 832x480 and the VBench Table 2), for scale only.
 PAPER = [("Wan2.1-T2V-1.3B", 17.40, 0.550, 0.467, 96.34), ("World-R1-Small", 27.63, 0.858, 0.201, 97.58),
          ("Wan2.1-T2V-14B", 19.76, 0.629, 0.405, None), ("World-R1-Large", 27.67, 0.865, 0.162, None)]
@@ -94,7 +99,8 @@ def build_parser():
                                        "train.py exported, to its sampling.json (which also sets the steps). Flags "
                                        "given here override them.")
     p.add_argument("--size", choices=list(models.SIZES), default=None,
-                   help="preset: tiny (CPU), small, large; unset: the checkpoint's, else tiny")
+                   help="preset: tiny (CPU), toy (the toy world, CPU), small, large; unset: the checkpoint's, "
+                        "else tiny")
     # what to evaluate
     p.add_argument("--ckpt", default=None, help="checkpoint folder (out/ckpt_000100) or run folder (uses 'latest')")
     p.add_argument("--lora", default=None, help="a LoRA folder instead of --ckpt: train.py's export or peft's "
@@ -184,7 +190,7 @@ def parse_args(argv):
     args.size = args.size or "tiny"
     cfg = (state or {}).get("config", {})
     args.warp_strength = sample.warp_strength(args.size, args.warp_mode, args.warp_strength)
-    args.reward_kw = {k: cfg.get(k, v) for k, v in reward.DEFAULTS.items()}  # as the checkpoint was trained
+    args.reward_kw = {k: cfg.get(k, v) for k, v in reward.defaults(args.size).items()}  # as the checkpoint trained
     args.dino_px, args.raft, args.flow_iters = (models.SIZES[args.size][k] for k in ("dino_px", "raft", "flow_iters"))
 
     sample.check_video_size(args.frames, args.height, args.width)
@@ -368,10 +374,16 @@ def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
     return 100.0 * float((scores > thres).sum() >= count), scores.mean().item()
 
 
-def evaluate_video(video, prompt, path, critics, dino, raft, args):
+def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
     """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, reason string).
-    path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion."""
+    path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion. judge: the toy world's
+    (toyworld.Judge): Consistent = 100 when it sees a consistent rigid scene, CamFollow = 100 when the camera motion
+    it sees is the prompt's."""
     row, reasons = dict.fromkeys(KEYS, math.nan), []
+    if judge is not None:
+        consistent, follows = toyworld.judge_rates(judge, video[None].cpu(), noise_warp.parse_camera(prompt)[:1]
+                                                    or ["fixed"])
+        row.update(Consistent=100 * float(consistent), CamFollow=100 * float(follows))
     guard = lambda what, fn, *a: reward.guard(reasons, what, fn, *a, failed={})  # noqa: E731  (a failed group: NaN)
     lf = reward.guard(reasons, "lift", reward.lift, critics, video, failed=None)
     if lf is not None:
@@ -387,7 +399,10 @@ def evaluate_video(video, prompt, path, critics, dino, raft, args):
     row.update({k: scores[k].item() for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen")},
                reward=scores["total"].item())
     gen_scale = args.reward_kw["gen_scale"]  # R_gen = gen_scale * mean HPSv3 mu over the first gen_frames frames
-    row["HPSv3"] = row["R_gen"] / gen_scale if gen_scale else math.nan
+    row["HPSv3"] = row["R_gen"] / gen_scale if gen_scale and args.reward_kw["w_gen"] else math.nan
+    for key, weight in (("S_meta", "w_meta"), ("R_gen", "w_gen")):
+        if not args.reward_kw[weight]:  # not computed (the toy world has no VLM and no HPSv3)
+            row[key] = math.nan
     reasons += [why[0]] if why[0] else []
     return row, "; ".join(reasons)
 
@@ -395,16 +410,21 @@ def evaluate_video(video, prompt, path, critics, dino, raft, args):
 GRID_COLS = 5  # frames per video in frames.png
 
 
-def thumb_size(height, width, max_side=128):
+def thumb_size(height, width, max_side=128, min_side=96):
+    """Thumbnails at most max_side; a video smaller than min_side is enlarged by a whole factor (the toy world's 32 px)."""
     s = min(1.0, max_side / max(height, width))
+    if max(height, width) < min_side:
+        s = float(min_side // max(height, width))
     return max(1, round(height * s)), max(1, round(width * s))
 
 
 def grid_frames(video, cols=GRID_COLS):
     """`cols` evenly spaced frames of a video (F, 3, H, W), shrunk by thumb_size -> (cols, 3, h, w) float32."""
     idx = torch.linspace(0, len(video) - 1, cols).round().long()
-    return F.interpolate(video[idx].float(), size=thumb_size(*video.shape[-2:]), mode="bilinear", antialias=True,
-                         align_corners=False)
+    size = thumb_size(*video.shape[-2:])
+    if size[0] > video.shape[-2]:  # enlarged: whole pixels, not a blur
+        return F.interpolate(video[idx].float(), size=size, mode="nearest")
+    return F.interpolate(video[idx].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 # -----------------------------------------------------------------------------
@@ -425,6 +445,11 @@ def summarize(names, tables, prompts):
     per_motion = {name: {m: {k: nanmean([t[i, j].item() for i in range(len(prompts)) if m in motions[i]])
                              for j, k in enumerate(KEYS)} for m in order} for name, t in zip(names, tables)}
     return means, delta, per_motion
+
+
+def shown(keys, means):
+    """The keys with a value for some model (the judge's columns exist at the toy size only)."""
+    return [k for k in keys if any(not math.isnan(m[k]) for m in means.values())]
 
 
 def fmt(value, spec):
@@ -454,15 +479,20 @@ def write_markdown(path, args, names, means, delta, per_motion, n):
              "estimated vs requested camera path, relative to the first frame, translation scale-normalised, as "
              "CamI2V. SubjCons and DynDeg: VBench definitions, in percent; Flow: mean top-5% RAFT flow magnitude. "
              "Means over prompts; n/a where undefined.", ""]
-    lines += markdown_table(rows, MAIN_KEYS, delta)
+    if shown(["Consistent"], means):
+        lines += ["Consistent% and CamFollow% (the toy world's judge, a classifier trained on ground-truth toy videos "
+                  "that no reward uses): the share of videos it sees as one consistent rigid scene, and the share "
+                  "whose camera motion it sees as the prompt's.", ""]
+    lines += markdown_table(rows, shown(MAIN_KEYS, means), delta)
     lines += ["", "## Reward components (reward.score, as in training)", ""]
-    lines += markdown_table(rows, REWARD_KEYS, delta)
+    lines += markdown_table(rows, shown(REWARD_KEYS, means), delta)
     lines += ["", "## Per camera motion (a composite prompt counts toward each of its motions)", ""]
-    head = "| motion | " + " | ".join(f"{METRICS[k][0]} {name}" for k in MOTION_KEYS for name in names) + " |"
-    lines += [head, "|---" * (len(MOTION_KEYS) * len(names) + 1) + "|"]
+    keys = shown(MOTION_KEYS, means)[:6]
+    head = "| motion | " + " | ".join(f"{METRICS[k][0]} {name}" for k in keys for name in names) + " |"
+    lines += [head, "|---" * (len(keys) * len(names) + 1) + "|"]
     for m in per_motion[names[0]]:
         lines.append(f"| {m} | " + " | ".join(fmt(per_motion[name][m][k], METRICS[k][1])
-                                               for k in MOTION_KEYS for name in names) + " |")
+                                               for k in keys for name in names) + " |")
     lines += ["", "## The paper's numbers, for scale (832x480, 81 frames; the World-R1 project page; the paper does not "
               "state its reconstruction protocol, so neither NV- nor OV- is its exact counterpart)", "",
               "| model | PSNR↑ | SSIM↑ | LPIPS↓ | SubjCons%↑ |", "|---|---|---|---|---|"]
@@ -532,28 +562,29 @@ COLORS = ["tab:gray", "tab:blue"]  # base, checkpoint
 def plot_bars(path, names, means):
     """One panel per metric, one bar per model."""
     plt = _plt()
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(len(KEYS) / cols), cols, figsize=(3.2 * cols, 2.4 * math.ceil(len(KEYS) / cols)))
-    for ax, k in zip(axes.flat, KEYS):
+    cols, keys = 4, shown(KEYS, means)
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 2.4 * math.ceil(len(keys) / cols)))
+    for ax, k in zip(axes.flat, keys):
         vals = [means[n][k] for n in names]
         ax.bar(range(len(names)), [0 if math.isnan(v) else v for v in vals], color=COLORS[:len(names)])
         for x, v in enumerate(vals):
             ax.text(x, 0 if math.isnan(v) else v, fmt(v, METRICS[k][1]), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_title(METRICS[k][0], fontsize=9)
-    for ax in list(axes.flat)[len(KEYS):]:
+    for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
     save_png(fig, path)
 
 
-def plot_motions(path, names, per_motion):
-    """Grouped bars: x = camera motion, one bar per model, one panel per metric in MOTION_KEYS."""
+def plot_motions(path, names, per_motion, means):
+    """Grouped bars: x = camera motion, one bar per model, one panel per metric (the first 6 of MOTION_KEYS with a
+    value)."""
     plt = _plt()
     motions = list(per_motion[names[0]])
     fig, axes = plt.subplots(2, 3, figsize=(13, 6))
     width = 0.8 / len(names)
-    for ax, k in zip(axes.flat, MOTION_KEYS):
+    for ax, k in zip(axes.flat, shown(MOTION_KEYS, means)[:6]):
         for j, name in enumerate(names):
             vals = [per_motion[name][m][k] for m in motions]
             ax.bar([i + j * width for i in range(len(motions))], [0 if math.isnan(v) else v for v in vals],
@@ -639,6 +670,7 @@ def main(argv=None):
     critics = models.load_reward_models(args.size, device, dtype)
     reward.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
     dino, raft = models.load_dino(args.dino, device), models.load_raft(args.raft, device)
+    judge = toyworld.load_judge() if args.size == "toy" else None
     names = ["base"] + ([args.label] if args.lora_dir else [])
     n_grid = min(args.grid, len(prompts))
     tables = torch.zeros(len(names), len(prompts), len(KEYS), dtype=torch.float64)  # (M, N, K), own rows filled
@@ -655,7 +687,7 @@ def main(argv=None):
                                     embeddings=embeddings, progress=rank == 0, delay=sample.BAR_DELAY)  # (F, 3, H, W)
             t1 = time.time()
             path = noise_warp.requested_path(noise_warp.parse_camera(prompts[i]), args.frames)
-            row, why = evaluate_video(video, prompts[i], path, critics, dino, raft, args)
+            row, why = evaluate_video(video, prompts[i], path, critics, dino, raft, args, judge)
             tables[m, i] = torch.tensor([row[k] for k in KEYS], dtype=torch.float64)
             if i < n_grid:
                 thumbs[m, i] = grid_frames(video.cpu())
@@ -684,14 +716,14 @@ def main(argv=None):
     if common.is_main():
         means, delta, per_motion = summarize(names, tables, prompts)
         rows = per_prompt_rows(names, tables, prompts, args.seed)
-        print("\n".join(markdown_table([(n, means[n]) for n in names], MAIN_KEYS, delta)))  # first: a full disk
+        print("\n".join(markdown_table([(n, means[n]) for n in names], shown(MAIN_KEYS, means), delta)))  # first: a full disk
         try:  # each file is whole or absent (common.write_atomic)
             write_markdown(os.path.join(args.out, "results.md"), args, names, means, delta, per_motion,
                            len(prompts))
             write_json(os.path.join(args.out, "results.json"), args, names, means, delta, per_motion, rows)
             write_csv(os.path.join(args.out, "per_prompt.csv"), rows)
             plot_bars(os.path.join(args.out, "bars.png"), names, means)
-            plot_motions(os.path.join(args.out, "motions.png"), names, per_motion)
+            plot_motions(os.path.join(args.out, "motions.png"), names, per_motion, means)
             if n_grid:
                 plot_frames(os.path.join(args.out, "frames.png"), names, thumbs, prompts)
             if args.curves:

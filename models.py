@@ -12,6 +12,7 @@ Real runs also need LPIPS's AlexNet ImageNet weights (torchvision downloads alex
 torch hub cache; seed that cache on offline clusters).
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ HUB = {"small": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "large": "Wan-AI/Wan2.1-T2V-
 CRITICS = dict(da3="depth-anything/DA3-GIANT", qwen="Qwen/Qwen3-VL-4B-Instruct", hps="MizzenAI/HPSv3",
                hps_backbone="Qwen/Qwen2-VL-7B-Instruct")  # the reward models of the real sizes (hub ids)
 DINO = "facebook/dino-vitb16"  # VBench's subject-consistency features (transformers' conversion of DINO ViT-B/16)
+# The toy world's trained networks (toyworld.py builds them; committed, so a fresh clone runs --size=toy at once)
+TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy")
 
 # The sizes (docs/DESIGN.md "Sizes"): per --size, the networks and the video. tiny = random networks built in
 # code; small = Wan2.1-T2V-1.3B, large = Wan2.1-T2V-14B, both with the real critics. Any flag given on a command
@@ -36,6 +39,9 @@ SIZES = {
     "tiny": dict(model=None, frames=9, height=64, width=64, text_len=64, steps=20, rollout_steps=10,
                  stepwise_strength=0.35, lift_res=56, hps_pixels=56 * 56, dino=None, dino_px=32, raft="small",
                  flow_iters=4),
+    "toy": dict(model=os.path.join(TOY, "wan"), frames=9, height=32, width=32, text_len=32, steps=20,
+                rollout_steps=10, stepwise_strength=0.35, lift_res=56, hps_pixels=56 * 56, dino=None, dino_px=32,
+                raft="small", flow_iters=4),
     "small": dict(model=HUB["small"], frames=81, height=480, width=832, text_len=512, steps=50, rollout_steps=20,
                   stepwise_strength=0.35, lift_res=504, hps_pixels=256 * 28 * 28, dino=DINO, dino_px=224,
                   raft="large", flow_iters=20),
@@ -69,16 +75,55 @@ TINY_WORDS = (
 ).split()
 
 
+def word_tokenizer(words):
+    """An in-memory T5 tokenizer whose pieces are `words` (whole words, case kept) plus single characters, so any
+    text tokenizes and the listed words are one token each (transformers 5: tokenizers-backed, no sentencepiece)."""
+    from transformers import T5Tokenizer
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -2.0) for w in words]
+    vocab += [("\u2581", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def wan_scheduler():
+    """The scheduler Wan2.1-T2V ships (its scheduler_config.json): UniPC on flow sigmas with shift 3."""
+    from diffusers import UniPCMultistepScheduler
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                   solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+                                   final_sigmas_type="zero")
+
+
+def build_toy(words, seed=0):
+    """The toy world's Wan2.1, untrained (toyworld.py trains it): a 1.0M-parameter transformer (4 blocks, 4 heads
+    of 32, patch 1x1x1 on the 4x4 latent of a 32x32 video), a 0.25M-parameter VAE (base width 16), a 2-layer
+    UMT5 of width 64 and a tokenizer whose words are the toy captions' `words`. Same seed, same weights."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = word_tokenizer(words)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)
+    return Wan(tokenizer, text_encoder, transformer, vae, wan_scheduler())
+
+
 def build_tiny(seed=0):
     """A Wan2.1-architecture model with random weights, built in code (no download): ~40k-param transformer,
     ~70k-param VAE (its brightness following latent channel 0: `show_latent_brightness`), ~23k-param UMT5 and an
     in-memory T5 tokenizer. Same seed, same weights."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -2.0) for w in TINY_WORDS]
-    vocab += [("\u2581", -3.0)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)  # transformers 5: tokenizers-backed, no sentencepiece
+    tokenizer = word_tokenizer(TINY_WORDS)
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -92,11 +137,7 @@ def build_tiny(seed=0):
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    # The scheduler Wan2.1-T2V ships (its scheduler_config.json): UniPC on flow sigmas with shift 3.
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                        solver_order=2, solver_type="bh2", predict_x0=True,
-                                        lower_order_final=True, final_sigmas_type="zero")
-    return Wan(tokenizer, text_encoder, transformer, vae, scheduler)
+    return Wan(tokenizer, text_encoder, transformer, vae, wan_scheduler())
 
 
 @torch.no_grad()
@@ -193,9 +234,9 @@ class RewardModels:
     """Every critic, loaded once per process. gs_cfg: DA3 Gaussian-head settings, None when it has no GS head."""
     da3: nn.Module
     gs_cfg: dict | None
-    qwen: nn.Module
+    qwen: nn.Module | None  # None at the toy size (S_meta has weight 0 there)
     qwen_proc: object
-    hps: nn.Module
+    hps: nn.Module | None  # None at the toy size (R_gen has weight 0 there)
     hps_proc: object
     lpips: nn.Module
     device: torch.device
@@ -250,14 +291,20 @@ def load_da3(repo=CRITICS["da3"], preset="da3-giant", device="cpu", depth=None):
             preset, depth = saved.get("model_name", preset), saved.get("depth", depth)
     except (OSError, ValueError, EntryNotFoundError):
         pass  # no (readable) config.json: keep the arguments
-    cfg = OmegaConf.to_container(load_config(MODEL_REGISTRY[preset]))
+    if preset == "toy":
+        cfg = {}
+    else:
+        cfg = OmegaConf.to_container(load_config(MODEL_REGISTRY[preset]))
     gs_head, gs_adapter = cfg.pop("gs_head", None), cfg.pop("gs_adapter", None)
     with torch.device(device):  # build where it will run: no 4.5 GB random init on the host
-        if depth is None:
+        if preset == "toy":
+            net, gs_cfg = build_toy_da3()
+        elif depth is None:
             net = create_object(OmegaConf.create(cfg))
         else:
             net = DepthAnything3Net(_cut_dinov2(cfg["net"], depth), cfg["head"], cfg.get("cam_dec"), cfg.get("cam_enc"))
-        net, gs_cfg = _attach_gs_head(net, gs_head, gs_adapter)
+        if preset != "toy":
+            net, gs_cfg = _attach_gs_head(net, gs_head, gs_adapter)
     if repo is not None:
         holder = nn.Module()
         holder.model = net
@@ -272,7 +319,7 @@ def save_da3(net, folder, preset="da3-giant"):
     from safetensors.torch import save_model
     os.makedirs(folder, exist_ok=True)
     cfg = {"model_name": preset}
-    if isinstance(net.backbone, _DinoV2):
+    if isinstance(net.backbone, _DinoV2) and preset != "toy":
         cfg["depth"] = len(net.backbone.pretrained.blocks)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -330,6 +377,31 @@ def build_tiny_da3():
             lin.weight.mul_(0.02)
             lin.bias.copy_(torch.tensor(bias))
     return net.requires_grad_(False), gs_cfg
+
+
+def build_toy_da3():
+    """The toy world's Depth Anything 3 (toyworld.py trains it), in DA3's own classes: a 6-block ViT 64 wide on 56 px
+    frames (4x4 patches of 14), DualDPT depth head, camera decoder and encoder; no Gaussian head (the reward then
+    unprojects its depth, reward.unproject_gaussians). 0.5M parameters. The camera decoder starts at the identity
+    pose and the toy camera's field of view (2 atan(1 / 2.4), focal 1.2 x width), so the first steps train
+    relative poses rather than an escape from a degenerate focal length."""
+    from depth_anything_3.model.da3 import DepthAnything3Net
+    from depth_anything_3.model.dinov2.vision_transformer import DinoVisionTransformer
+    obj = lambda name, path: {"__object__": dict(path="depth_anything_3.model." + path, name=name, args="as_params")}
+    vit = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=6, num_heads=4, alt_start=2,
+                                qknorm_start=2, rope_start=2, cat_token=True)
+    net = DepthAnything3Net(_DinoV2(vit, (2, 3, 4, 5)),
+                            head={**obj("DualDPT", "dualdpt"), "dim_in": 128, "features": 16,
+                                  "out_channels": [16, 32, 32, 32], "output_dim": 2},
+                            cam_dec={**obj("CameraDec", "cam_dec"), "dim_in": 128},
+                            cam_enc={**obj("CameraEnc", "cam_enc"), "dim_out": 64})
+    fov = 2 * math.atan(1 / 2.4)
+    with torch.no_grad():
+        for lin, bias in ((net.cam_dec.fc_t, [0.0, 0, 0]), (net.cam_dec.fc_qvec, [0.0, 0, 0, 1]),
+                          (net.cam_dec.fc_fov[0], [fov, fov])):
+            lin.weight.mul_(0.1)
+            lin.bias.copy_(torch.tensor(bias))
+    return net.eval(), None
 
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -503,7 +575,9 @@ def build_tiny_hpsv3():
 
 def load_reward_models(size="tiny", device="cpu", dtype=None, da3=CRITICS["da3"], qwen=CRITICS["qwen"],
                        hps=CRITICS["hps"], hps_backbone=CRITICS["hps_backbone"], seed=0, process_res=None):
-    """size="tiny": random models built in code (fixed seed, no files, no network). Otherwise real weights
+    """size="tiny": random models built in code (fixed seed, no files, no network). size="toy": the toy world's
+    trained Depth Anything 3 (`da3` defaults to its committed folder) and LPIPS; no Qwen3-VL or HPSv3 (the toy reward
+    weighs S_meta and R_gen 0). Otherwise real weights
     (hub ids or local folders, e.g. from `save_reward_models`): the VLMs in `dtype` (bf16 on CUDA, fp32 on CPU);
     DA3 keeps fp32 weights and runs under bf16 autocast on CUDA like its own inference (its heads run in fp32
     inside), in plain fp32 on CPU; LPIPS is fp32. process_res: DA3's input size (default: the size's lift_res)."""
@@ -519,6 +593,12 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3=CRITICS["da3"]
             qwen_model, qwen_proc = build_tiny_qwen()
             hps_model, hps_proc = build_tiny_hpsv3()
             lp = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)  # random AlexNet
+    elif size == "toy":
+        da3_net, gs_cfg = load_da3(os.path.join(TOY, "da3") if da3 == CRITICS["da3"] else da3, device=device)
+        qwen_model = qwen_proc = hps_model = hps_proc = None
+        with torch.random.fork_rng(devices=[]):  # the toy world downloads nothing: a random, seeded AlexNet
+            torch.manual_seed(seed)
+            lp = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
     else:
         from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
         da3_net, gs_cfg = load_da3(da3, device=device)
@@ -526,8 +606,9 @@ def load_reward_models(size="tiny", device="cpu", dtype=None, da3=CRITICS["da3"]
         qwen_proc = AutoProcessor.from_pretrained(qwen)
         hps_model, hps_proc = load_hpsv3(hps, hps_backbone, device, dtype)
         lp = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=False, verbose=False)
-    return RewardModels(da3=da3_net.to(device), gs_cfg=gs_cfg, qwen=qwen_model.to(device), qwen_proc=qwen_proc,
-                        hps=hps_model.to(device), hps_proc=hps_proc, lpips=lp.eval().requires_grad_(False).to(device),
+    to = lambda m: m if m is None else m.to(device)  # noqa: E731
+    return RewardModels(da3=da3_net.to(device), gs_cfg=gs_cfg, qwen=to(qwen_model), qwen_proc=qwen_proc,
+                        hps=to(hps_model), hps_proc=hps_proc, lpips=lp.eval().requires_grad_(False).to(device),
                         device=device, process_res=process_res or SIZES[size]["lift_res"],
                         hps_pixels=SIZES[size]["hps_pixels"])
 

@@ -3,7 +3,7 @@ The World-R1 rewards, in-process: a 3D reward from Depth Anything 3 + 3D Gaussia
 Imports common, noise_warp (path geometry) and models (the critics, for the demo at the bottom); gsplat to render.
 
     R     = w_3d * R_3D + w_gen * R_gen          (dynamic phase: R = R_gen)
-    R_3D  = S_meta + S_recon + S_traj            each clipped to [0, 1], so R_3D in [0, 3]
+    R_3D  = w_meta * S_meta + S_recon + S_traj   each clipped to [0, 1], so R_3D in [0, 3]; w_meta = 1
     R_gen = gen_scale * mean_{k < gen_frames} HPSv3_mu(frame k, prompt)
 
 Data flow for one video [F, 3, H, W] in [0, 1]: DA3 lifts the frames to per-frame depth, cameras and 3D
@@ -92,14 +92,26 @@ HPSV3_REWARD_SUFFIX = "\nPlease provide the overall ratings of this image: <|Rew
 # The reward's settings, declared once ({name: (default, what it is)}): score's defaults, train.py's flags, and
 # evaluate.py's defaults for a checkpoint that does not name them.
 SETTINGS = {
-    "w_3d": (1.0, "weight of R_3D = S_meta + S_recon + S_traj"),
-    "w_gen": (1.0, "weight of R_gen (HPSv3)"),
+    "w_3d": (1.0, "weight of R_3D = w_meta S_meta + S_recon + S_traj"),
+    "w_meta": (1.0, "weight of S_meta inside R_3D (0: Qwen3-VL is not run)"),
+    "w_gen": (1.0, "weight of R_gen (0: HPSv3 is not run)"),
     "gen_frames": (4, "HPSv3 averages the first K frames"),
     "gen_scale": (0.1, "HPSv3 mu is multiplied by this"),
     "meta_angle": (15.0, "meta view orbit angle, degrees"),
     "traj_rot_scale": (10.0, "S_traj: a 'fixed' request is judged as strictly as a pan of this many degrees"),
 }
 DEFAULTS = {name: default for name, (default, _) in SETTINGS.items()}
+# Where a size departs from them. The toy world has no VLM and no preference model that grade what Qwen3-VL and
+# HPSv3 grade (a rendered view's 3D quality, human preference), so its reward is S_recon + S_traj, the two terms its
+# trained Depth Anything 3 measures (docs/DESIGN.md, "The toy world").
+SIZE_SETTINGS = {"toy": dict(w_meta=0.0, w_gen=0.0)}
+
+
+def defaults(size):
+    """The reward settings of a --size: DEFAULTS with the size's departures."""
+    return {**DEFAULTS, **SIZE_SETTINGS.get(size, {})}
+
+
 # The fewest video frames (4k + 1) the world reward and evaluate.py's metrics can use: S_traj compares a path of
 # cameras, the novel view holds out a frame between two lifted ones. A one-frame video is "bad" for every critic.
 MIN_FRAMES = 5
@@ -625,9 +637,10 @@ def guard(reasons, what, fn, *args, failed=math.nan):
 
 def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=None, **settings):
     """videos (B, F, 3, H, W) in [0, 1]; prompts list[str]; paths: requested c2w (F, 4, 4) per video or None
-    (no camera words); settings: any of SETTINGS (w_3d, w_gen, gen_frames, gen_scale, meta_angle, traj_rot_scale),
-    the rest at their defaults. -> (scores, reasons): scores a dict of float32 (B,) tensors S_meta, S_recon, S_traj,
-    R_3D, R_gen, total and a bool (B,) tensor "bad"; reasons a list[str] ("" when fine). dynamic=True skips R_3D
+    (no camera words); settings: any of SETTINGS (w_3d, w_meta, w_gen, gen_frames, gen_scale, meta_angle,
+    traj_rot_scale), the rest at their defaults; a term whose weight is 0 (S_meta, R_gen) is not computed and reads 0.
+    -> (scores, reasons): scores a dict of float32 (B,) tensors S_meta, S_recon, S_traj, R_3D, R_gen, total and a
+    bool (B,) tensor "bad"; reasons a list[str] ("" when fine). dynamic=True skips R_3D
     (total = R_gen). A video whose content cannot be scored (check_video: black, constant, non-finite, one frame)
     or on which a critic fails or returns a non-finite value is "bad": its failed terms and its total are NaN, and
     the trainer gives it a score below every real video of its group (grpo.fill_bad). A prompt without camera words
@@ -663,8 +676,9 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=No
                     out["S_recon"][i] = out["S_meta"][i] = out["S_traj"][i] = math.nan
                 else:
                     out["S_recon"][i] = guard(reasons, "S_recon", s_recon, critics, lf)
-                    out["S_meta"][i] = guard(reasons, "S_meta", s_meta, critics, lf, prompts[i], s["meta_angle"],
-                                             kept if seen is not None else None)
+                    if s["w_meta"]:
+                        out["S_meta"][i] = guard(reasons, "S_meta", s_meta, critics, lf, prompts[i], s["meta_angle"],
+                                                 kept if seen is not None else None)
                     if seen is not None:
                         kept.update(c2w=lf.c2w.cpu(), scene_depth=float(lf.depth[0].median()))
                     if paths[i] is None:
@@ -673,8 +687,9 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=No
                         out["S_traj"][i] = guard(reasons, "S_traj", s_traj, lf.c2w, paths[i], s["traj_rot_scale"],
                                                  float(lf.depth[0].median()))
             k = min(s["gen_frames"], len(video))
-            out["R_gen"][i] = s["gen_scale"] * guard(reasons, "HPSv3", lambda: float(
-                hpsv3_score(critics, video[:k], [prompts[i]] * k).mean()))
+            if s["w_gen"] or dynamic:
+                out["R_gen"][i] = s["gen_scale"] * guard(reasons, "HPSv3", lambda: float(
+                    hpsv3_score(critics, video[:k], [prompts[i]] * k).mean()))
         reason = "; ".join(r for r in reasons if r)
         if reason and reason != "no camera words":  # that one is a defined S_traj = 0; train.py says it once
             print(f"[reward] video {i} ({prompts[i][:60]!r}): {reason}", flush=True)
@@ -682,7 +697,7 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=No
     scores = {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
     for k in ("S_meta", "S_recon", "S_traj"):
         scores[k] = scores[k].clamp(0, 1)
-    scores["R_3D"] = scores["S_meta"] + scores["S_recon"] + scores["S_traj"]
+    scores["R_3D"] = s["w_meta"] * scores["S_meta"] + scores["S_recon"] + scores["S_traj"]
     scores["total"] = scores["R_gen"] if dynamic else s["w_3d"] * scores["R_3D"] + s["w_gen"] * scores["R_gen"]
     scores["bad"] = ~torch.isfinite(scores["total"])
     return scores, all_reasons

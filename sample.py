@@ -467,7 +467,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Generate videos with Wan2.1 and camera-warped noise.",
                                 formatter_class=common.HelpFormatter)
     p.add_argument("--size", choices=list(models.SIZES), default="tiny",
-                   help="preset: tiny (random, CPU), small, large")
+                   help="preset: tiny (random, CPU), toy (the trained toy world, CPU), small, large")
     p.add_argument("--model", default=None, help="hub id or local diffusers folder; unset at tiny: random weights "
                                                  "built in code")
     p.add_argument("--lora", default=None,

@@ -47,6 +47,9 @@ import tracking
 # hyperparameters), any --key=value overrides it
 
 TRAIN = {
+    "toy": dict(group_size=8, prompts_per_rank=2, micro_batch=16, lr=3e-3, lora_rank=16, lora_alpha=32, fsdp=False,
+                eval_every=20, save_every=20, max_steps=60, grad_checkpointing=False, dynamic_every=0,
+                train_prompts="prompts/toy_train.txt", test_prompts="prompts/toy_test.txt"),
     "tiny": dict(group_size=4, prompts_per_rank=2, micro_batch=8, lr=1e-2, lora_rank=8, lora_alpha=16, fsdp=False,
                  eval_every=3, save_every=1, max_steps=3, grad_checkpointing=False),
     "small": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=False,
@@ -54,13 +57,14 @@ TRAIN = {
     "large": dict(group_size=8, prompts_per_rank=1, micro_batch=1, lr=1e-4, lora_rank=32, lora_alpha=64, fsdp=True,
                   eval_every=30, save_every=60, max_steps=3000, grad_checkpointing=True),
 }
-PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **TRAIN[size],
-                  "eval_steps": models.SIZES[size]["steps"], "log_media_every": TRAIN[size]["eval_every"]}
+PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **reward.defaults(size),
+                  **TRAIN[size], "eval_steps": models.SIZES[size]["steps"], "log_media_every": TRAIN[size]["eval_every"]}
            for size in TRAIN}
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=common.HelpFormatter,
                             allow_abbrev=False)
-p.add_argument("--size", choices=list(PRESETS), default="tiny", help="preset: tiny (CPU), small (1.3B), large (14B)")
+p.add_argument("--size", choices=list(PRESETS), default="tiny",
+               help="preset: tiny (random, CPU), toy (the trained toy world, CPU), small (1.3B), large (14B)")
 # model and video
 p.add_argument("--model", default=None, help="hub id or local diffusers folder; unset at tiny: random weights built "
                                             "in code")
