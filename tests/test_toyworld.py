@@ -155,6 +155,7 @@ def test_a_mirrored_video_is_the_mirrored_motion():
         assert torch.allclose(flipped[0, :, 0], b["depth"], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.full
 def test_a_miniature_build_trains_every_stage_and_writes_loadable_networks(tmp_path):
     """python toyworld.py --quick: every stage's loss falls, and what it writes loads through models.py."""
     out = tmp_path / "out"
