@@ -10,6 +10,7 @@ import json
 import os
 import re
 import runpy
+import signal
 import sys
 
 import pytest
@@ -34,12 +35,16 @@ def train_until_models(monkeypatch, capsys, argv):
     monkeypatch.setattr(models, "load_wan", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
     monkeypatch.setattr(sys, "argv", ["train.py"] + argv)
     monkeypatch.chdir(ROOT)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py catches both
     try:
         runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
     except Loaded:
         return None, capsys.readouterr().out
     except SystemExit as e:
         return str(e.code), capsys.readouterr().out
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     pytest.fail("train.py ran to the end without loading a model")
 
 
