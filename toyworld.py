@@ -872,6 +872,7 @@ def show(path, seed=0, size=32):
         strips.append(F.pad(torch.cat(list(v["video"]), 2), (0, 0, 0, 2), value=1.0))
         print(f"row {len(strips)}: {v['caption']} (camera {v['camera']}, corruption {v['corruption']})")
     img = (torch.cat(strips, 1).permute(1, 2, 0) * 255).round().byte().numpy()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(path)
     print(f"wrote {path}")
 
