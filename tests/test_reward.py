@@ -531,7 +531,7 @@ def test_real_loaders_from_local_folders(critics, tmp_path, monkeypatch):
     assert torch.equal(reward.hpsv3_score(small, images, ["a", "b"]), reward.hpsv3_score(critics, images, ["a", "b"]))
     lf = reward.lift(small, torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
     assert "colors" in lf.gaussians and lf.depth.shape == (3, 56, 56)  # no GS head: depth unprojection
-    with pytest.raises(ValueError, match="tiny, small or large"):
+    with pytest.raises(ValueError, match="tiny, toy, small or large"):
         models.load_reward_models("huge")
 
 
