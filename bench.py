@@ -112,7 +112,7 @@ def forward_passes(steps, group, window, release=False):
 # train.py's TRAIN[size]["grad_checkpointing"] (tests/test_bench.py holds the two equal): the train stage times the
 # backward as train.py runs it. Without checkpointing, 81x480x832 saves ~200 GiB of activations (30 blocks x 32,760
 # tokens x ~217 KiB); with it, ~6 GiB.
-TRAIN_CHECKPOINTING = {"tiny": False, "small": True, "large": True}
+TRAIN_CHECKPOINTING = {"toy": False, "tiny": False, "small": True, "large": True}
 # From this many latent tokens on (832x480x81 has 32,760), the multi-step stages (loop, rollout, release) take minutes
 # per run: they are timed without a warm-up run (the first forward's one-time set-up is small beside minutes).
 COLD_TOKENS = 8192
