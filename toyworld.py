@@ -474,7 +474,7 @@ def tokenize(tokenizer, captions, text_len):
 
 def train_t2v(wan, latents, captions, path, steps, batch, *, text_len, drop=0.1, seed=0):
     """The base model: rectified flow on normalised VAE latents, the text encoder trained with the transformer.
-        x_sigma = (1 - sigma) x_0 + sigma eps,   v_target = eps - x_0,   loss = |v(x_sigma, 1000 sigma, text) - v_target|^2
+        x_sigma = (1 - sigma) x_0 + sigma eps, v_target = eps - x_0,  loss = |v(x_sigma, 1000 sigma, text) - v_target|^2
     sigma = shift s / (1 + (shift - 1) s), s ~ U(0, 1): the noise levels of the sampler's shifted grid
     (sample.flow_sigmas). A `drop` share of captions is replaced by the empty prompt, the unconditional input of
     classifier-free guidance (train.py's negative prompt is empty too)."""

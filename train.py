@@ -58,7 +58,8 @@ TRAIN = {
                   eval_every=30, save_every=60, max_steps=3000, grad_checkpointing=True),
 }
 PRESETS = {size: {**models.SIZES[size], "steps": models.SIZES[size]["rollout_steps"], **reward.defaults(size),
-                  **TRAIN[size], "eval_steps": models.SIZES[size]["steps"], "log_media_every": TRAIN[size]["eval_every"]}
+                  **TRAIN[size], "eval_steps": models.SIZES[size]["steps"],
+                  "log_media_every": TRAIN[size]["eval_every"]}
            for size in TRAIN}
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=common.HelpFormatter,
