@@ -523,7 +523,9 @@ def relative(c2w):
 
 
 def geodesic(Ra, Rb):
-    """Angle (radians) of the rotation between Ra and Rb (..., 3, 3): acos((tr(Ra^T Rb) - 1) / 2)."""
+    """Angle (radians) of the rotation between Ra and Rb (..., 3, 3): acos((tr(Ra^T Rb) - 1) / 2). A training loss,
+    so not noise_warp.geodesic_deg: its atan2 form takes the norm of a vector that is 0 where the rotations agree,
+    whose gradient is undefined there; the clamped acos has a finite one."""
     cos = ((Ra.transpose(-1, -2) @ Rb).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     return torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
 
@@ -698,7 +700,7 @@ def evaluate_stages(wan, da3, judge, heldout, recon):
     """What the build measured on held-out ground-truth videos: VAE PSNR (all pixels and object pixels, where
     depth is nearer than the floor behind the objects), Depth Anything 3's depth AbsRel and relative-pose errors,
     and the judge's accuracy on both heads, on raw renders and on VAE reconstructions."""
-    truth, raw = to_unit(heldout["video"]), to_unit(heldout["video"])
+    truth = raw = to_unit(heldout["video"])
     rec = to_unit(recon)
     near = (heldout["depth"].float() < TARGET_Z + 1.5)[:, :, None].expand_as(truth)  # objects and the near floor
     report = dict(vae_psnr=psnr(rec, truth), vae_psnr_near=psnr(rec[near], truth[near]))
@@ -760,7 +762,7 @@ def main(argv=None):
         if not os.path.exists(path):
             torch.save(build(), path + ".tmp")
             os.replace(path + ".tmp", path)
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)  # tensors and a list of captions
 
     def timed(stage, fn):
         t0 = time.time()
