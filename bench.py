@@ -1,12 +1,6 @@
 """
 Speed of every stage of one World-R1 RL step, and the figures BENCHMARKS.md records.
-Imports common, models, sample, reward, grpo and noise_warp.
-
-    python bench.py                                   # tiny models on the CPU, every stage, ~1-2 min
-    python bench.py --stages warp_full                # the full 81x480x832 camera-noise warp (CPU: < 60 s)
-    python bench.py --size=small --random_weights     # GPU: Wan2.1-1.3B and real-size reward models, random weights
-    python bench.py --size=small --random_weights --release_config   # the release's schedule, same code
-    python bench.py --size=small --random_weights --stages=rollout --rollout_group=2 --repeats=1 --json r.json
+Imports common, models, standins, sample, reward, splat, grpo and noise_warp. Its commands: README.md.
 
 Each stage is timed as the median of `--repeats` runs after one warm-up (CUDA events on GPU, perf_counter on
 CPU); at 832x480x81 the multi-step stages (loop, rollout, release) run minutes each and get no warm-up run.
@@ -35,10 +29,12 @@ import models
 import noise_warp
 import reward
 import sample
+import splat
+import standins
 
 # The release's rollout schedule (microsoft/World-R1 config/world_r1.py, scripts/train_world_r1.py):
 # 50 full UniPC steps per sample, groups of 2, the first 24 steps trained for every sample, one optimizer step per epoch.
-RELEASE = dict(steps=50, group_size=2, trained_steps=24, updates_per_epoch=1)
+RELEASE = dict(rollout_steps=50, group_size=2, trained_steps=24, updates_per_epoch=1)
 
 
 def timeit(fn, repeats=3, warmup=1):
@@ -100,7 +96,7 @@ def forward_passes(steps, group, window, release=False):
     """Transformer forward passes (CFG pair counted as 2, as the release runs them) to roll out one group and
     recompute its trained log-probs, with the reference pass for the KL. Ours: the prefix is shared by the group."""
     if release:
-        rollout = group * RELEASE["steps"] * 2
+        rollout = group * RELEASE["rollout_steps"] * 2
         train = group * RELEASE["trained_steps"] * 2 * 2  # policy + reference, each with CFG
         return rollout, train
     start = steps // 4  # the window's expected start in the first half
@@ -109,10 +105,6 @@ def forward_passes(steps, group, window, release=False):
     return rollout, train
 
 
-# train.py's TRAIN[size]["grad_checkpointing"] (tests/test_bench.py holds the two equal): the train stage times the
-# backward as train.py runs it. Without checkpointing, 81x480x832 saves ~200 GiB of activations (30 blocks x 32,760
-# tokens x ~217 KiB); with it, ~6 GiB.
-TRAIN_CHECKPOINTING = {"toy": False, "tiny": False, "small": True, "large": True}
 # From this many latent tokens on (832x480x81 has 32,760), the multi-step stages (loop, rollout, release) take minutes
 # per run: they are timed without a warm-up run (the first forward's one-time set-up is small beside minutes).
 COLD_TOKENS = 8192
@@ -130,9 +122,9 @@ def main(argv):
     ap.add_argument("--rollout_group", type=int, default=None,
                     help="time the rollout on a group of this many and scale it to --group_size by the forward-pass "
                          "count (a group of 8 at 832x480x81 takes minutes; default: --group_size)")
-    ap.add_argument("--steps", type=int, default=None, help="rollout steps (default: the size's, 20 real)")
+    ap.add_argument("--rollout_steps", type=int, default=None, help=models.SIZE_HELP["rollout_steps"])
     ap.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                    help="train stage: recompute each block in backward (default: as train.py, on for small and large)")
+                    help="train stage: " + models.SIZE_HELP["grad_checkpointing"] + " (default: the size's)")
     ap.add_argument("--json", default=None, help="also write the results here (rewritten after every stage)")
     ap.add_argument("--dtype", choices=list(models.DTYPES), default=None,
                     help="network weights (default: bf16 on CUDA, fp32 on CPU)")
@@ -148,12 +140,12 @@ def main(argv):
         common.fail("--random_weights builds the real sizes; use it with --size=small or --size=large")
     if args.depth is not None and not args.random_weights:
         common.fail("--depth cuts the real architectures: use it with --random_weights")
-    common.check_numbers(args, positive=("repeats", "group_size", "rollout_group", "steps", "depth", "text_len",
+    common.check_numbers(args, positive=("repeats", "group_size", "rollout_group", "rollout_steps", "depth", "text_len",
                                          "lift_res"))
     stages = set(args.stages.split(",")) if args.stages != "all" else set(stage_names) - {"warp_full"}
     common.check_choices(sorted(stages), stage_names, "--stages", "all or a comma list of")
-    if "rollout" in stages and args.steps is not None and args.steps < 2:
-        common.fail(f"--steps={args.steps}: the rollout's SDE window needs at least 2 steps")
+    if "rollout" in stages and args.rollout_steps is not None and args.rollout_steps < 2:
+        common.fail(f"--rollout_steps={args.rollout_steps}: the rollout's SDE window needs at least 2 steps")
     preset = models.SIZES[args.size]
     frames, height, width = (getattr(args, k) or preset[k] for k in ("frames", "height", "width"))
     sample.check_video_size(frames, height, width)
@@ -172,7 +164,7 @@ def main(argv):
                 json.dump(result, f, indent=1)
             os.replace(args.json + ".tmp", args.json)
 
-    steps = args.steps or preset["rollout_steps"]
+    steps = args.rollout_steps or preset["rollout_steps"]
     if "passes" in stages:  # arithmetic only: runs before (and without) any model
         ours, ours_train = forward_passes(steps, args.group_size, 2)
         rel, rel_train = forward_passes(steps, RELEASE["group_size"], RELEASE["trained_steps"], release=True)
@@ -188,8 +180,12 @@ def main(argv):
             return
     shape = sample.latent_shape(frames, height, width)
     dtype = models.resolve_dtype(args.dtype, device)
-    wan = (models.random_wan(args.size, device, dtype, depth=args.depth) if args.random_weights
-           else models.load_wan(preset["model"], device, dtype))
+    if args.random_weights:
+        wan = standins.random_wan(args.size, device, dtype, depth=args.depth)
+    elif preset["model"] is None:  # tiny
+        wan = standins.tiny_wan(device, dtype)
+    else:
+        wan = models.load_wan(preset["model"], device, dtype)
     wan.text_encoder.to(device)
     wan.vae.to(device)
     transformer = wan.transformer
@@ -288,16 +284,16 @@ def main(argv):
                 measured_seconds=seconds)
             if args.release_config:
                 xs = x.expand(RELEASE["group_size"], -1, -1, -1, -1)
-                rs = sample.flow_sigmas(RELEASE["steps"], 3.0)
+                rs = sample.flow_sigmas(RELEASE["rollout_steps"], 3.0)
                 row(f"release group of {RELEASE['group_size']} (50 UniPC)",
                     timeit(lambda: sample.denoise(transformer, xs, cond.expand(2, -1, -1), uncond.expand(2, -1, -1),
                                                   rs, 5.0, scheduler=wan.scheduler), args.repeats, warm),
-                    RELEASE["steps"] * transformer_flops(transformer, tokens, 2 * RELEASE["group_size"]),
+                    RELEASE["rollout_steps"] * transformer_flops(transformer, tokens, 2 * RELEASE["group_size"]),
                     note="" if warm else "no warm-up run")
     if "train" in stages:
         with stage("train"):
             from peft import LoraConfig
-            checkpointing = (TRAIN_CHECKPOINTING[args.size] if args.grad_checkpointing is None
+            checkpointing = (preset["grad_checkpointing"] if args.grad_checkpointing is None
                              else args.grad_checkpointing)
             if not getattr(transformer, "peft_config", None):
                 transformer.add_adapter(LoraConfig(r=32 if args.size != "tiny" else 8,
@@ -323,14 +319,18 @@ def main(argv):
     if "reward" in stages:
         with stage("reward"):
             lift_res = args.lift_res or preset["lift_res"]
-            critics = (models.random_reward_models(device, dtype, depth=args.depth, process_res=lift_res)
-                       if args.random_weights else models.load_reward_models(args.size, device, process_res=lift_res))
-            print(reward.check_renderer(device), flush=True)  # builds gsplat outside the timing, as train.py does
+            if args.random_weights:
+                critics = standins.random_reward_models(device, dtype, depth=args.depth, process_res=lift_res)
+            elif args.size == "tiny":
+                critics = standins.tiny_reward_models(device, process_res=lift_res)
+            else:
+                critics = models.load_reward_models(args.size, device, process_res=lift_res)
+            print(splat.check_renderer(device), flush=True)  # builds gsplat outside the timing, as train.py does
             video = torch.rand(args.group_size if args.size == "tiny" else 1, frames, 3, height, width, device=device)
             path = noise_warp.camera_path(noise_warp.parse_camera(prompt), frames)
             row(f"reward.score ({video.shape[0]} videos)",
-                timeit(lambda: reward.score(critics, video, [prompt] * len(video), [path] * len(video)),
-                       args.repeats))
+                timeit(lambda: reward.score(critics, video, [prompt] * len(video), [path] * len(video),
+                                            **reward.defaults(args.size)), args.repeats))
     if failed:
         raise SystemExit(f"error: stage {', '.join(failed)} failed (above); the other stages' figures are "
                          + (f"in {args.json}" if args.json else "printed above"))

@@ -462,6 +462,31 @@ def stop_together(message):
         stop(first)
 
 
+@contextlib.contextmanager
+def swapped(params, values):
+    """Copy `values` ({name: tensor}) into `params` ({name: parameter}) for the block (train.py: the EMA weights for
+    eval and export), and the originals back after, even on an error."""
+    backup = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(backup[n])
+
+
+def all_mean(values, device):
+    """Mean over ranks of a dict of floats (every rank holds the same keys); NaN where any rank has NaN. Collective."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return dict(zip(values, t.tolist()))
+
+
 def is_main():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

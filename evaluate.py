@@ -1,11 +1,7 @@
 """
 Evaluate Wan2.1 before and after World-R1 training: 3D consistency, camera control and quality, as tables and plots.
-Imports common, models, sample, reward, noise_warp and checkpoint (to find a run's latest checkpoint).
-
-    python evaluate.py --size=tiny                                        # tiny random model on CPU, base only
-    python evaluate.py --size=tiny --ckpt out --curves out                # base vs out's latest checkpoint
-    torchrun --standalone --nproc_per_node=8 evaluate.py --size=small --ckpt out/ckpt_003000 --out eval_small
-    python evaluate.py --size=small --lora my_lora/ --limit 50           # any LoRA folder exported by train.py
+Imports common, models, standins, sample, reward, splat, noise_warp, toyworld (the judge) and checkpoint (to find a
+run's latest checkpoint). Its commands: README.md.
 
 Every prompt i is sampled with seed `--seed + i`, by the base model and by the checkpoint alike (a paired
 comparison), on rank i % world; each rank fills its own rows of a (prompts, metrics) table and one all_reduce(SUM)
@@ -55,12 +51,11 @@ import models
 import noise_warp
 import reward
 import sample
+import splat
+import standins
 import toyworld
 
-LIMIT = {"tiny": 6}  # prompts evaluated by default per --size (tiny: a CPU run); the other sizes take them all
-PROMPTS = {"toy": "prompts/toy_test.txt"}  # test prompts per --size, where not prompts/test.txt
-PRESETS = {size: {**config, "limit": LIMIT.get(size), "prompts": PROMPTS.get(size, "prompts/test.txt")}
-           for size, config in models.SIZES.items()}  # flag defaults
+PRESETS = {size: {**config, "prompts": config["test_prompts"]} for size, config in models.SIZES.items()}  # defaults
 FPS = 16  # Wan2.1 makes 16 fps video; VBench's dynamic degree samples frames at ~8 fps
 # Settings a checkpoint's state.json fixes for the evaluation (an explicit flag still wins).
 FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "negative_prompt", "warp_mode",
@@ -96,7 +91,8 @@ def build_parser():
                                 formatter_class=common.HelpFormatter,
                                 epilog="With --ckpt, the video size, text length, guidance, negative prompt and "
                                        "camera warp default to the checkpoint's training config; with a --lora that "
-                                       "train.py exported, to its sampling.json (which also sets the steps). Flags "
+                                       "train.py exported, to its sampling.json (which also sets --sample_steps). "
+                                       "Flags "
                                        "given here override them.")
     p.add_argument("--size", choices=list(models.SIZES), default=None,
                    help="preset: tiny (CPU), toy (the toy world, CPU), small, large; unset: the checkpoint's, "
@@ -105,19 +101,17 @@ def build_parser():
     p.add_argument("--ckpt", default=None, help="checkpoint folder (out/ckpt_000100) or run folder (uses 'latest')")
     p.add_argument("--lora", default=None, help="a LoRA folder instead of --ckpt: train.py's export or peft's "
                                                 "save_pretrained")
-    p.add_argument("--model", default=None, help="base model: hub id or diffusers folder; unset at tiny: random "
-                                                 "weights built in code")
-    p.add_argument("--prompts", default="prompts/test.txt", help="one prompt per line")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts only; unset: all")
+    p.add_argument("--model", default=None, help="the base model. " + models.SIZE_HELP["model"])
+    p.add_argument("--prompts", default=None, help="one prompt per line; unset: the size's test_prompts ("
+                                                   + models.SIZE_HELP["test_prompts"] + ")")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts only. " + models.SIZE_HELP["limit"])
     p.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i, by every model")
     # sampling (defaults: the checkpoint's training config, else the size preset)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--sample_steps", type=int, default=None, help=models.SIZE_HELP["sample_steps"])
     p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc",
                    help="unipc (the checkpoint's scheduler) or the Euler ODE")
-    p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
-    p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
-    p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
-    p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
+    for name in ("frames", "height", "width", "text_len"):
+        p.add_argument(f"--{name}", type=int, default=None, help=models.SIZE_HELP[name])
     p.add_argument("--guidance", type=float, default=sample.GUIDANCE, help="classifier-free guidance")
     p.add_argument("--negative_prompt", default="", help="negative prompt")
     p.add_argument("--warp_mode", choices=["init", "stepwise", "none"], default="init", help="camera noise")
@@ -128,8 +122,8 @@ def build_parser():
                    help="network weights; unset: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--renderer", choices=["auto", "gsplat", "torch"], default="auto",
                    help="Gaussian rasterizer: auto = gsplat on CUDA (checked at start-up), torch elsewhere")
-    p.add_argument("--dino", default=None, help="DINO hub id or folder for subject consistency (facebook/dinov2-base "
-                                                "also works); unset at tiny: a random DINO built in code")
+    p.add_argument("--dino", default=None, help="DINO hub id or folder (facebook/dinov2-base also works). "
+                                                + models.SIZE_HELP["dino"])
     common.add_dist_flags(p)  # --dist_timeout, --deterministic
     # output
     p.add_argument("--out", default="eval", help="output folder (created)")
@@ -199,7 +193,7 @@ def parse_args(argv):
                     "holds out frames between lifted ones; camera errors compare paths)")
     sample.check_text_len(args.text_len)
     sample.check_model_arg(args.model)
-    common.check_numbers(args, positive=("steps", "limit", "text_len"), nonnegative=("grid", "warp_strength"),
+    common.check_numbers(args, positive=("sample_steps", "limit", "text_len"), nonnegative=("grid", "warp_strength"),
                          finite=("guidance",))
     common.check_text(args.negative_prompt, "--negative_prompt")
     args.prompt_list = common.read_lines(args.prompts, "--prompts")[:args.limit]
@@ -300,7 +294,7 @@ def novel_view_metrics(critics, video, full, lift=reward.lift):
     even = lift(critics, video[0::2])
     c2w, K = odd_cameras(full, even)
     target = full.frames[1::2]
-    rgb, _ = reward.render(even.gaussians, torch.linalg.inv(c2w), K, *target.shape[-2:])  # (n, h, w, 3)
+    rgb, _ = splat.render(even.gaussians, torch.linalg.inv(c2w), K, *target.shape[-2:])  # (n, h, w, 3)
     pred = rgb.clamp(0, 1).permute(0, 3, 1, 2).to(target.dtype)
     psnr, ssim = image_metrics(pred, target)
     lp = reward.lpips_distance(critics, pred, target)
@@ -375,7 +369,7 @@ def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
 
 
 def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
-    """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, reason string).
+    """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, the reasons as one string).
     path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion. judge: the toy world's
     (toyworld.Judge): Consistent = 100 when it sees a consistent rigid scene, CamFollow = 100 when the camera motion
     it sees is the prompt's."""
@@ -403,8 +397,7 @@ def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
     for key, weight in (("S_meta", "w_meta"), ("R_gen", "w_gen")):
         if not args.reward_kw[weight]:  # not computed (the toy world has no VLM and no HPSv3)
             row[key] = math.nan
-    reasons += [why[0]] if why[0] else []
-    return row, "; ".join(reasons)
+    return row, "; ".join(map(str, reasons + why[0]))
 
 
 GRID_COLS = 5  # frames per video in frames.png
@@ -470,7 +463,8 @@ def write_markdown(path, args, names, means, delta, per_motion, n):
     rows = [(name, means[name]) for name in names]
     lines = [f"# Evaluation: {' vs '.join(names)}", "",
              f"{n} prompts from `{args.prompts}`, size `{args.size}`, {args.frames}x{args.height}x{args.width}, "
-             f"{args.steps} {args.sampler} steps, guidance {args.guidance}, seed {args.seed} + prompt index.", "",
+             f"{args.sample_steps} {args.sampler} steps, guidance {args.guidance}, seed {args.seed} + prompt index.",
+             "",
              "NV-PSNR/SSIM/LPIPS (novel view, 3D consistency): DA3 Gaussians of the even frames alone, rendered at "
              "the odd frames' cameras (estimated from the whole video, moved into the even frames' reconstruction by "
              "a similarity fit) vs the held-out odd frames. OV-PSNR/SSIM/LPIPS (own view): the whole video's "
@@ -516,7 +510,8 @@ def per_prompt_rows(names, tables, prompts, seed):
 
 
 def write_json(path, args, names, means, delta, per_motion, rows):
-    config = {k: getattr(args, k) for k in ("size", "model", "ckpt", "lora_dir", "prompts", "limit", "seed", "steps",
+    config = {k: getattr(args, k) for k in ("size", "model", "ckpt", "lora_dir", "prompts", "limit", "seed",
+                                            "sample_steps",
                                             "sampler", "frames", "height", "width", "text_len", "guidance",
                                             "negative_prompt", "warp_mode", "warp_strength", "dino",
                                             "dino_px", "raft", "flow_iters", "reward_kw")}
@@ -658,18 +653,20 @@ def main(argv=None):
     for line in sample.camera_warnings(prompts, args.warp_mode):
         sample.warn(line)
     dtype = models.resolve_dtype(args.dtype, device)
-    wan = models.load_wan(args.model, device, dtype)
+    wan = standins.tiny_wan(device, dtype) if args.model is None else models.load_wan(args.model, device, dtype)
     if args.lora_dir:  # loaded (and proven to fit) before any sampling; off for the base model's pass
         sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
         wan.transformer.disable_lora()
     if line := sample.length_warning(wan.tokenizer, prompts, args.text_len):
         sample.warn(line)
-    # Both models see the same prompts: encode this rank's once, then free the text encoder (UMT5-XXL: 11 GB)
-    embeddings = sample.encode_all(wan, sorted({prompts[i] for i in mine} | {args.negative_prompt}), args.text_len)
-    del wan.text_encoder
-    critics = models.load_reward_models(args.size, device, dtype)
-    reward.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
-    dino, raft = models.load_dino(args.dino, device), models.load_raft(args.raft, device)
+    # Both models see the same prompts: encode this rank's once, then free the text encoder
+    embeddings = sample.encode_once(wan, [prompts[i] for i in mine] + [args.negative_prompt], args.text_len)
+    critics = (standins.tiny_reward_models(device, dtype) if args.size == "tiny"
+               else models.load_reward_models(args.size, device, dtype))
+    splat.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
+    dino = (standins.build_tiny_dino().requires_grad_(False).to(device) if args.dino is None
+            else models.load_dino(args.dino, device))
+    raft = models.load_raft(args.raft, device)
     judge = toyworld.load_judge() if args.size == "toy" else None
     names = ["base"] + ([args.label] if args.lora_dir else [])
     n_grid = min(args.grid, len(prompts))
@@ -681,8 +678,8 @@ def main(argv=None):
         for i in tqdm(mine, desc=name, unit="prompt", disable=rank != 0, dynamic_ncols=True):  # rank 0's bar
             t0 = time.time()
             video = sample.generate(wan, prompts[i], args.seed + i, frames=args.frames, height=args.height,
-                                    width=args.width, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                                    text_len=args.text_len, negative_prompt=args.negative_prompt,
+                                    width=args.width, sample_steps=args.sample_steps, guidance=args.guidance,
+                                    sampler=args.sampler, text_len=args.text_len, negative_prompt=args.negative_prompt,
                                     warp_mode=args.warp_mode, warp_strength=args.warp_strength,
                                     embeddings=embeddings, progress=rank == 0, delay=sample.BAR_DELAY)  # (F, 3, H, W)
             t1 = time.time()

@@ -131,3 +131,13 @@ def kl_loss(mean, ref_mean, std):
     """
     kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean()
+
+
+@torch.no_grad()
+def ema_update(ema, params, updates, decay):
+    """One EMA step of the trained weights, in place: ema <- ema + (1 − d)(θ − ema) with
+    d = min(decay, (1 + n) / (10 + n)) at the n-th update (n from 1), so the average forgets its start quickly while
+    warming up. ema, params: {name: tensor} of the same shapes."""
+    d = min(decay, (1 + updates) / (10 + updates))
+    for name, p in params.items():
+        ema[name].lerp_(p.detach(), 1 - d)

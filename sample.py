@@ -1,10 +1,7 @@
 """
 Sample videos from Wan2.1 with our own denoising loop: camera words -> warped noise -> ODE/SDE steps -> VAE -> mp4.
-Imports common, grpo (the SDE step), models (Wan) and noise_warp (camera noise).
-
-    python sample.py --prompt "Camera orbit left. A stone lighthouse on a cliff." --out out.mp4   # tiny model, CPU
-    python sample.py --size=small --prompt "..." --out out.mp4     # Wan2.1-T2V-1.3B from the hub (GPU)
-    python sample.py --model=/data/Wan2.1-T2V-14B-Diffusers --size=large --prompts=prompts/test.txt --out=videos/
+Imports common, grpo (the SDE step), models (Wan), standins (tiny's Wan) and noise_warp (camera noise). Its
+commands: README.md.
 
 The loop in `denoise` is the one loop of the project: inference (UniPC, the checkpoint's scheduler), GRPO
 rollouts (Euler ODE with an SDE window, log-probs recorded, the group branching at the window) and evaluation all
@@ -30,11 +27,12 @@ from tqdm import tqdm
 import grpo
 import models
 import noise_warp
+import standins
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py exports and diffusers' load_lora_weights reads
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")  # peft's save_pretrained (flow_grpo, the release)
 SAMPLING_FILE = "sampling.json"  # beside train.py's export: how the LoRA was trained to sample (train.py writes it)
-SAMPLING = ("size", "model", "frames", "height", "width", "text_len", "steps", "guidance", "negative_prompt",
+SAMPLING = ("size", "model", "frames", "height", "width", "text_len", "sample_steps", "guidance", "negative_prompt",
             "warp_mode", "warp_strength")  # its keys: the flags of this script that it sets
 GUIDANCE = 5.0  # classifier-free guidance of Wan2.1's pipeline and of the release's rollouts
 MAX_TEXT_LEN = 512  # Wan2.1's UMT5 text length (the pipeline's max_sequence_length): the most tokens a prompt gives
@@ -71,6 +69,16 @@ def encode_all(wan, prompts, text_len, batch=16):
         for p, n, states in zip(chunk, map(len, lengths), encode(wan, chunk, text_len)):
             out[p] = states[:n].cpu()
     return out
+
+
+def encode_once(wan, prompts, text_len):
+    """encode_all of every prompt a run can draw (duplicates once), then the text encoder leaves the device: UMT5-XXL
+    is 11 GB of bf16 that would otherwise sit idle beside the policy. -> {prompt: (n_tokens, D)} on the host."""
+    embeddings = encode_all(wan, sorted(set(prompts)), text_len)
+    del wan.text_encoder
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return embeddings
 
 
 def pad_tokens(states, text_len):
@@ -224,7 +232,7 @@ def decode(vae, latents):
     return torch.cat(videos)
 
 
-def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guidance=GUIDANCE, sampler="unipc",
+def generate(wan, prompt, seed, *, frames, height, width, sample_steps, text_len, guidance=GUIDANCE, sampler="unipc",
              negative_prompt="", warp_mode="init", warp_strength=None, warp_scale=noise_warp.WARP_SCALE,
              degradation=noise_warp.DEGRADATION, progress=False, delay=0.0, embeddings=None):
     """One prompt -> video (F, 3, H, W) in [0, 1]. Deterministic per seed on the CPU (all draws from one generator;
@@ -239,7 +247,7 @@ def generate(wan, prompt, seed, *, frames, height, width, steps, text_len, guida
         cond, uncond = (pad_tokens(embeddings[q], text_len)[None].to(device) for q in (prompt, negative_prompt))
     x, inject, _ = camera_noise(prompt, latent_shape(frames, height, width), generator, warp_mode, warp_strength,
                                 warp_scale, degradation, device)
-    sigmas = flow_sigmas(steps, wan.scheduler.config.flow_shift)
+    sigmas = flow_sigmas(sample_steps, wan.scheduler.config.flow_shift)
     x, _ = denoise(wan.transformer, x, cond, uncond, sigmas, guidance, generator=generator, inject=inject,
                    scheduler=wan.scheduler if sampler == "unipc" else None, progress=progress, delay=delay)
     return decode(wan.vae, x)[0]
@@ -311,8 +319,8 @@ def check_lora_file(folder, flag="--lora"):
 
 
 def sampling_settings(folder, flag="--lora"):
-    """{flag: value} of the LoRA folder's SAMPLING_FILE (how its run sampled: size, video, steps, guidance, negative
-    prompt, camera warp), {} where there is none (a peft folder); unreadable -> one line."""
+    """{flag: value} of the LoRA folder's SAMPLING_FILE (how its run sampled: size, video, sample_steps, guidance,
+    negative prompt, camera warp), {} where there is none (a peft folder); unreadable -> one line."""
     path = os.path.join(folder, SAMPLING_FILE)
     if not os.path.isfile(path):
         return {}
@@ -468,8 +476,7 @@ def main(argv=None):
                                 formatter_class=common.HelpFormatter)
     p.add_argument("--size", choices=list(models.SIZES), default="tiny",
                    help="preset: tiny (random, CPU), toy (the trained toy world, CPU), small, large")
-    p.add_argument("--model", default=None, help="hub id or local diffusers folder; unset at tiny: random weights "
-                                                 "built in code")
+    p.add_argument("--model", default=None, help=models.SIZE_HELP["model"])
     p.add_argument("--lora", default=None,
                    help=f"LoRA folder: train.py's export (its {SAMPLING_FILE}, how it was trained to sample, gives the "
                         f"defaults of {', '.join('--' + k for k in SAMPLING)}) or peft's save_pretrained")
@@ -479,10 +486,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output: an mp4 for --prompt (unset: out.mp4), a folder for --prompts "
                                                "(unset: videos/)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt 0; prompt i uses seed + i")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps")
-    p.add_argument("--frames", type=int, default=None, help="video frames, 4k+1")
-    p.add_argument("--height", type=int, default=None, help="video height, multiple of 16")
-    p.add_argument("--width", type=int, default=None, help="video width, multiple of 16")
+    for name in ("sample_steps", "frames", "height", "width"):
+        p.add_argument(f"--{name}", type=int, default=None, help=models.SIZE_HELP[name])
     p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc",
                    help="unipc (the checkpoint's scheduler) or the Euler ODE")
@@ -493,7 +498,7 @@ def main(argv=None):
     p.add_argument("--warp_scale", type=int, default=noise_warp.WARP_SCALE, help="noise warp grid = latent grid x this")
     p.add_argument("--degradation", type=float, default=noise_warp.DEGRADATION,
                    help="fresh-noise share mixed into warped noise")
-    p.add_argument("--text_len", type=int, default=None, help="UMT5 tokens per prompt")
+    p.add_argument("--text_len", type=int, default=None, help=models.SIZE_HELP["text_len"])
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     args = common.parse_flags(p, argv, models.SIZES)
     if args.lora is not None:  # sample as the LoRA was trained: its sampling.json, then the flags given here
@@ -506,7 +511,7 @@ def main(argv=None):
 
     # Validate everything before any model loads.
     check_video_size(args.frames, args.height, args.width)
-    common.check_numbers(args, positive=("steps", "warp_scale", "text_len", "fps"),
+    common.check_numbers(args, positive=("sample_steps", "warp_scale", "text_len", "fps"),
                          nonnegative=("warp_strength", "degradation"), finite=("guidance",))
     check_text_len(args.text_len)
     noise_warp.check_warp_memory(args.height, args.width, args.warp_scale)
@@ -533,7 +538,7 @@ def main(argv=None):
 
     _, _, _, device = common.setup_dist()
     t0 = time.time()
-    wan = models.load_wan(args.model, device)
+    wan = standins.tiny_wan(device) if args.model is None else models.load_wan(args.model, device)
     if args.lora is not None:
         load_lora(wan.transformer, args.lora)
     if line := length_warning(wan.tokenizer, prompts, args.text_len):
@@ -543,7 +548,8 @@ def main(argv=None):
     t0 = time.time()
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         video = generate(wan, prompt, args.seed + i, frames=args.frames, height=args.height, width=args.width,
-                         steps=args.steps, guidance=args.guidance, sampler=args.sampler, text_len=args.text_len,
+                         sample_steps=args.sample_steps, guidance=args.guidance, sampler=args.sampler,
+                         text_len=args.text_len,
                          negative_prompt=args.negative_prompt, warp_mode=args.warp_mode,
                          warp_strength=args.warp_strength, warp_scale=args.warp_scale,
                          degradation=args.degradation, progress=True)

@@ -1,10 +1,8 @@
 """
 A toy 3D world in which World-R1 can be seen working on a laptop: procedural scenes, an exact renderer, the
 inconsistent videos a text-to-video model makes, a held-out judge, and the one command that trains it all.
-Imports common, noise_warp (camera words -> camera path) and models (the networks and their builders).
-
-    python toyworld.py                      # build weights/toy from nothing, every stage resumable (~1 h, 2 cores)
-    python toyworld.py --show out/toy.png   # a sheet of ground-truth videos, consistent and corrupted
+Imports common, noise_warp (camera words -> camera path), models (the networks and their builders), reward (DA3's
+input as the reward prepares it) and standins (the writers of the released layouts). Its commands: README.md.
 
 A scene is a textured ground plane under a sky dome with 1-3 primitives (box, ball, cylinder) in a few colours
 and two sizes. Its caption is in the project's prompt format, "Camera orbit left. A red box and a blue ball on a
@@ -506,15 +504,13 @@ def train_t2v(wan, latents, captions, path, steps, batch, *, text_len, drop=0.1,
 def da3_input(frames):
     """Frames (B, F, 3, h, w) in [0, 1] -> Depth Anything 3's input, exactly as reward.lift prepares it: resized to
     the lift size (bilinear, antialiased), ImageNet-normalised."""
+    import models
     import reward
     B, Fn = frames.shape[:2]
-    h, w = reward._lift_size(*frames.shape[-2:], LIFT_RES)
+    h, w = reward.lift_size(*frames.shape[-2:], models.SIZES["toy"]["lift_res"])
     x = F.interpolate(frames.flatten(0, 1), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     mean, std = (torch.tensor(t)[:, None, None] for t in (reward.IMAGENET_MEAN, reward.IMAGENET_STD))
     return ((x.clamp(0, 1) - mean) / std).view(B, Fn, 3, h, w)
-
-
-LIFT_RES = 56  # Depth Anything 3's input side at the toy size (models.SIZES["toy"]["lift_res"])
 
 
 def relative(c2w):
@@ -736,6 +732,7 @@ def main(argv=None):
     import json
     import time
     import models
+    import standins
     from safetensors.torch import save_model
     p = argparse.ArgumentParser(description="Build the toy world's base model, critics and judge from nothing.")
     p.add_argument("--out", default=models.TOY, help="where the trained networks go (a fresh clone has them)")
@@ -809,8 +806,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for m in (wan.transformer, wan.text_encoder, wan.vae):
         m.requires_grad_(False)
-    models.save_pretrained(wan, os.path.join(args.out, "wan"))
-    models.save_da3(da3, os.path.join(args.out, "da3"), preset="toy")
+    standins.save_pretrained(wan, os.path.join(args.out, "wan"))
+    standins.save_da3(da3, os.path.join(args.out, "da3"), preset="toy")
     save_model(judge, os.path.join(args.out, "judge.safetensors"))
     train_prompts, test_prompts = make_prompts(*cfg["prompts"], seed=args.seed)
     os.makedirs(args.prompts, exist_ok=True)

@@ -109,6 +109,22 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+def log_step(tracker, record, metrics_file, master, last_words):
+    """One step's record to the tracker and, on rank 0, one strict-JSON line of `metrics_file`: a non-finite number
+    becomes null and its key is listed under "nonfinite". A full disk stops every rank (collective) with one line
+    ending in last_words(), where the run stands."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    record = {k: (None if k in bad else v) for k, v in record.items()} | ({"nonfinite": bad} if bad else {})
+    tracker.log(record, record["step"])
+    error = ""
+    if master:
+        try:  # a line and its newline, or nothing (a full disk): never half a line
+            common.append_line(metrics_file, json.dumps(record, allow_nan=False))
+        except OSError as e:
+            error = f"cannot append step {record['step']} to metrics.jsonl ({common.why(e)}); {last_words()}"
+    common.stop_together(error)
+
+
 def gif_bytes(frames, fps=16, side=GIF_SIDE):
     """(F, H, W, 3) uint8 -> (GIF bytes at `fps`, looping, longest side at most `side` px, (h, w))."""
     import imageio.v3 as iio
@@ -177,9 +193,9 @@ def camera_plot(path, est_c2w, req_c2w, scene_depth, req_depth, title):
 
 def rollout_media(folder, videos, prompt, rewards, parts, reasons, seen, req_path, req_depth, save_video):
     """Write one group's media into `folder` (created) and return them for Tracker.media. videos (G, F, 3, H, W);
-    rewards (G,) with NaN where bad; parts {name: (G,)} reward components; reasons [str] * G; seen: per video what
-    reward.score kept ({"meta_view": (3, h, w), "c2w": (F, 4, 4), "scene_depth": float}, or empty where it did not
-    get that far; [] for the toy reward); req_path (F, 4, 4) or None; save_video(path, video) writes an mp4.
+    rewards (G,) with NaN where bad; parts {name: (G,)} reward components; reasons: per video a list of
+    reward.Failure; seen: per video what reward.score kept ({"meta_view": (3, h, w), "c2w": (F, 4, 4),
+    "scene_depth": float}, or empty where it did not get that far; [] for the latent reward); req_path (F, 4, 4) or None; save_video(path, video) writes an mp4.
     Files: rollout_<i>.mp4, rollout_<i>_meta_view.png, rollout_<i>_camera.png (i: the video's index in its group)
     and rewards.json (the prompt; every reward component of every video shown, and why a bad one is bad). Each file
     is whole or absent (common.write_atomic; the mp4 through save_video's frame count); a full disk raises OSError."""
@@ -189,9 +205,10 @@ def rollout_media(folder, videos, prompt, rewards, parts, reasons, seen, req_pat
     for i in pick(rewards.float().cpu()):
         values = {"reward": rewards[i].item(), **{k: v[i].item() for k, v in parts.items()}}
         values = {k: (None if not math.isfinite(v) else round(v, 4)) for k, v in values.items()}
-        caption = f"#{i} " + " ".join(f"{k} {v}" for k, v in values.items()) + (f" ({reasons[i]})" if reasons[i]
-                                                                                 else "") + f" | {prompt[:120]}"
-        table.append(dict(index=i, reason=reasons[i], **values))
+        why = "; ".join(map(str, reasons[i]))
+        caption = f"#{i} " + " ".join(f"{k} {v}" for k, v in values.items()) + (f" ({why})" if why else "") \
+            + f" | {prompt[:120]}"
+        table.append(dict(index=i, reason=why, **values))
         name = os.path.join(folder, f"rollout_{i}")
         save_video(name + ".mp4", videos[i])
         files.append(("rollout/video", name + ".mp4", caption))

@@ -8,11 +8,12 @@ import torch
 import bench
 import models
 import sample
+import standins
 
 
 def test_forward_pass_count_matches_the_rollout():
     """bench.forward_passes (per-sample forwards, CFG = 2) equals what sample.rollout actually runs."""
-    wan = models.build_tiny(0)
+    wan = standins.build_tiny(0)
     seen = []
     real = wan.transformer.forward
     wan.transformer.forward = lambda hidden_states, **kw: (seen.append(hidden_states.shape[0]), real(
@@ -32,7 +33,7 @@ def test_flop_formula_matches_torch_flop_counter():
     the attention matmuls), with a short prompt so the cross-attention the formula leaves out is negligible."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    transformer = models.build_tiny(0).transformer
+    transformer = standins.build_tiny(0).transformer
     for shape in ((16, 5, 32, 32), (16, 9, 32, 32)):  # 1280 and 2304 tokens: the quadratic term matters
         cond = torch.randn(1, 16, transformer.config.text_dim)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
@@ -48,12 +49,12 @@ def count(module):
 def test_real_size_shapes_have_the_published_parameter_counts():
     """Random real-size models on the meta device: Wan2.1 1.3B / 14B, its VAE, UMT5-XXL, DA3-giant, Qwen3-VL-4B,
     HPSv3 (Qwen2-VL-7B + head). Ranges around the model cards' sizes catch a wrong config field."""
-    small = models.random_wan("small", "meta")
+    small = standins.random_wan("small", "meta")
     assert 1.3 < count(small.transformer) < 1.5
     assert 0.1 < count(small.vae) < 0.15
     assert 5.5 < count(small.text_encoder) < 5.9
-    assert 13.5 < count(models.random_wan("large", "meta").transformer) < 15.0
-    critics = models.random_reward_models("meta")
+    assert 13.5 < count(standins.random_wan("large", "meta").transformer) < 15.0
+    critics = standins.random_reward_models("meta")
     assert 1.1 < count(critics.da3) < 1.4  # with the Gaussian head
     assert 4.3 < count(critics.qwen) < 4.6  # 4.44B, input and output embeddings tied
     assert 7.6 < count(critics.hps) < 7.9  # Qwen2-VL-7B's 8.29B less its unused LM head (0.55B)
@@ -114,29 +115,21 @@ def test_rollout_on_a_smaller_group_is_scaled_by_forward_passes_and_labelled(tmp
     assert "measured on a group of 2" in row["note"] and "no warm-up run" in row["note"]
 
 
-def train_presets():
-    """train.py's TRAIN table, read from its source (train.py runs on import): {size: {flag: default}}."""
-    import ast
-    import os
-    tree = ast.parse(open(os.path.join(os.path.dirname(bench.__file__), "train.py")).read())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "TRAIN")
-    return eval(compile(ast.Expression(node.value), "train.py", "eval"), {"dict": dict})
-
-
 @pytest.mark.full
 @pytest.mark.parametrize("flag, recomputed", [([], False), (["--grad_checkpointing"], True)])
 def test_train_stage_checkpoints_where_train_py_does(tmp_path, monkeypatch, flag, recomputed):
-    """bench's default per size is train.py's preset; with checkpointing on, every block runs twice per micro-step
-    (forward, then recomputed in the backward; a pre-hook, since the recompute stops once it has what it needs)."""
-    assert {size: TRAIN["grad_checkpointing"] for size, TRAIN in train_presets().items()} == bench.TRAIN_CHECKPOINTING
+    """bench's default per size is the size table's (tiny: off); with checkpointing on, every block runs twice per
+    micro-step (forward, then recomputed in the backward; a pre-hook, since the recompute stops once it has what it
+    needs)."""
+    assert models.SIZES["tiny"]["grad_checkpointing"] is False
     calls = []
-    real = models.load_wan
+    real = standins.tiny_wan
 
-    def load_wan(*a, **k):
+    def tiny_wan(*a, **k):
         wan = real(*a, **k)
         wan.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
         return wan
-    monkeypatch.setattr(models, "load_wan", load_wan)
+    monkeypatch.setattr(standins, "tiny_wan", tiny_wan)
     out = tmp_path / "bench.json"
     bench.main(["--stages", "train", "--repeats", "1", "--json", str(out)] + flag)
     assert json.loads(out.read_text())["rows"][0]["grad_checkpointing"] is recomputed

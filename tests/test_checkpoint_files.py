@@ -18,23 +18,23 @@ from safetensors import safe_open
 
 import checkpoint
 import evaluate
-import models
 import sample
+import standins
 from trainrun import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Camera pan left. A red house near a river."
 # How the run below samples: none of it the scripts' defaults, so a script that ignores sampling.json shows.
-TRAINED = dict(size="tiny", frames=9, height=64, width=64, text_len=64, steps=6, guidance=4.0,
+TRAINED = dict(size="tiny", frames=9, height=64, width=64, text_len=64, sample_steps=6, guidance=4.0,
                negative_prompt="blurry, dark", warp_mode="stepwise", warp_strength=0.35)
 
 
 @pytest.mark.full
 def test_a_runs_lora_names_its_base_model_and_how_it_samples_and_state_json_its_provenance(tmp_path):
     """A one-step toy run on the tiny Wan saved as a diffusers folder (so that the base model has a name)."""
-    models.save_pretrained(models.build_tiny(0), str(tmp_path / "tiny_wan"))
+    standins.save_pretrained(standins.build_tiny(0), str(tmp_path / "tiny_wan"))
     base = str(tmp_path / "tiny_wan")
-    run(["--size=tiny", "--reward=toy", "--eval_every=0", "--max_steps=1", f"--model={base}", "--eval_steps=6",
+    run(["--size=tiny", "--reward=latent", "--eval_every=0", "--max_steps=1", f"--model={base}", "--sample_steps=6",
          "--guidance=4.0", "--negative_prompt=blurry, dark", "--warp_mode=stepwise"], tmp_path / "run")
     lora = tmp_path / "run" / "ckpt_000000" / "lora"
     with safe_open(str(lora / sample.LORA_FILE), "pt") as f:
@@ -54,7 +54,7 @@ def exported(tmp_path_factory):
     settings TRAINED, as train.py exports it -> (its folder, the base model's name)."""
     from peft import LoraConfig
     folder, base = tmp_path_factory.mktemp("export") / "lora", "a/base_model"
-    policy = models.build_tiny(0).transformer
+    policy = standins.build_tiny(0).transformer
     policy.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     policy.peft_config["default"].base_model_name_or_path = base
@@ -99,12 +99,13 @@ def test_sample_lora_samples_as_trained_and_flags_override(exported, monkeypatch
     calls = generate_spy(monkeypatch)
     sample.main(["--lora", lora, "--prompt", PROMPT, "--out", str(tmp_path / "a.mp4")])
     assert "--lora: sampling as trained" in capsys.readouterr().out
-    sample.main(["--lora", lora, "--prompt", PROMPT, "--out", str(tmp_path / "b.mp4"), "--guidance=7", "--steps=3",
+    sample.main(["--lora", lora, "--prompt", PROMPT, "--out", str(tmp_path / "b.mp4"), "--guidance=7",
+                 "--sample_steps=3",
                  "--warp_mode=init"])
-    keys = ("frames", "height", "width", "text_len", "steps", "guidance", "negative_prompt", "warp_mode",
+    keys = ("frames", "height", "width", "text_len", "sample_steps", "guidance", "negative_prompt", "warp_mode",
             "warp_strength")
     assert {k: calls[0][k] for k in keys} == {k: TRAINED[k] for k in keys}
-    assert {k: calls[1][k] for k in keys} == {**{k: TRAINED[k] for k in keys}, "guidance": 7.0, "steps": 3,
+    assert {k: calls[1][k] for k in keys} == {**{k: TRAINED[k] for k in keys}, "guidance": 7.0, "sample_steps": 3,
                                               "warp_mode": "init", "warp_strength": 0.35}
 
 
@@ -112,8 +113,8 @@ def test_evaluate_lora_samples_as_trained_and_flags_override(exported, tmp_path)
     lora = str(exported[0])
     args = evaluate.parse_args(["--lora", lora, "--out", str(tmp_path / "e")])
     assert {k: getattr(args, k) for k in TRAINED} == TRAINED and args.model is None
-    args = evaluate.parse_args(["--lora", lora, "--out", str(tmp_path / "e"), "--negative_prompt=", "--steps=4"])
-    assert (args.negative_prompt, args.steps, args.guidance) == ("", 4, 4.0)
+    args = evaluate.parse_args(["--lora", lora, "--out", str(tmp_path / "e"), "--negative_prompt=", "--sample_steps=4"])
+    assert (args.negative_prompt, args.sample_steps, args.guidance) == ("", 4, 4.0)
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def peft_lora(folder):
     """A rank-4 LoRA of the tiny Wan saved by peft's own save_pretrained (adapter_model.safetensors +
     adapter_config.json), lora_B random so that it changes the output -> the transformer it lives in."""
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(models.build_tiny(0).transformer, LoraConfig(
+    model = get_peft_model(standins.build_tiny(0).transformer, LoraConfig(
         r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -137,7 +138,7 @@ def peft_lora(folder):
 def test_a_peft_lora_loads_and_gives_peft_models_output(tmp_path, capsys):
     trained = peft_lora(tmp_path / "peft")
     sample.check_lora_file(str(tmp_path / "peft"))
-    wan = models.build_tiny(0)
+    wan = standins.build_tiny(0)
     x, cond = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 8, 32)
     with torch.no_grad():
         base = sample.velocity(wan.transformer, x, 0.5, cond, torch.zeros_like(cond), 5.0)
@@ -151,9 +152,10 @@ def test_a_peft_lora_loads_and_gives_peft_models_output(tmp_path, capsys):
 @pytest.mark.full
 def test_a_peft_lora_runs_in_sample_py_and_evaluate_py(tmp_path, capsys):
     peft_lora(tmp_path / "peft")
-    sample.main(["--lora", str(tmp_path / "peft"), "--prompt", PROMPT, "--steps=2", "--out", str(tmp_path / "a.mp4")])
+    sample.main(["--lora", str(tmp_path / "peft"), "--prompt", PROMPT, "--sample_steps=2", "--out",
+                 str(tmp_path / "a.mp4")])
     assert os.path.getsize(tmp_path / "a.mp4") > 0
-    evaluate.main(["--lora", str(tmp_path / "peft"), "--limit=1", "--steps=2", "--out", str(tmp_path / "eval")])
+    evaluate.main(["--lora", str(tmp_path / "peft"), "--limit=1", "--sample_steps=2", "--out", str(tmp_path / "eval")])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["base", "lora:peft"]
     err = capsys.readouterr().err

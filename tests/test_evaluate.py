@@ -23,12 +23,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 import evaluate
 import models
 import noise_warp
+import standins
+from test_reward import lift_from_depth
+from tools.same_numbers import RENAMED, results_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Camera orbit left. A stone lighthouse on a cliff above the sea.",
            "Camera push in, then pan right. A red house near a river, tall trees behind it.",
            "A dog in a green field under a blue sky."]  # no camera words: camera metrics n/a
-FAST = ["--limit", "3", "--steps", "2", "--grid", "2"]
+FAST = ["--limit", "3", "--sample_steps", "2", "--grid", "2"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,13 +248,13 @@ def backdrop(seed=5, n=81):
 def oracle():
     """A 9-frame video rendered from known Gaussians along an orbit (pivot 4.5 ahead), with its true depth, K and
     cameras; and a second scene (other colours) along the same path."""
-    import reward
+    import splat
     F, K = 9, torch.tensor([[60.0, 0, 32], [0, 60, 32], [0, 0, 1]]).repeat(9, 1, 1)
     c2w = noise_warp.camera_path(["orbit_left"], F)
     c2w[:, :3, 3] *= 4.5 / 600
     out = []
     for seed in (5, 11):
-        rgb, alpha, depth = reward.render(backdrop(seed), torch.linalg.inv(c2w).float(), K, 64, 64, with_depth=True)
+        rgb, alpha, depth = splat.render(backdrop(seed), torch.linalg.inv(c2w).float(), K, 64, 64, with_depth=True)
         assert alpha.min() > 0.99  # the wall fills every frame
         out.append((rgb.clamp(0, 1).permute(0, 3, 1, 2), depth[..., 0]))
     lp = __import__("lpips").LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)  # random AlexNet
@@ -261,16 +264,15 @@ def oracle():
 
 @pytest.mark.full
 def test_novel_view_oracle_and_inconsistent_controls(oracle):
-    """Lifts from the true depth and cameras (reward.lift_from_depth) stand in for DA3; the even-frame lift sits in
+    """Lifts from the true depth and cameras (lift_from_depth) stand in for DA3; the even-frame lift sits in
     another world (scale 2.5, a 30 deg turn, a shift), so the camera transfer is part of the test. The even
     frames' Gaussians rendered at the odd cameras must reproduce the odd frames (> 30 dB). Controls, same
     reconstruction: odd frames taken from the time-reversed video (frame 1 <-> 7, ...) or from another scene
     must score far lower. A full run whose focal length is off by 10% changes nothing: the intrinsics are the
     even run's."""
-    import reward
     o = oracle
     s, R, t = similarity(2.5, (0.3, 1.0, -0.2), math.radians(30), (-1.0, 4.0, 2.0))
-    even = reward.lift_from_depth(o.video[0::2], s * o.depth[0::2], o.K[0::2], moved(o.c2w[0::2], s, R, t).float())
+    even = lift_from_depth(o.video[0::2], s * o.depth[0::2], o.K[0::2], moved(o.c2w[0::2], s, R, t).float())
 
     def lift(critics, frames):  # the even frames, and only they, reach the lift
         assert torch.equal(frames, videos[0::2])
@@ -279,7 +281,7 @@ def test_novel_view_oracle_and_inconsistent_controls(oracle):
     def nv(video, K):
         nonlocal videos
         videos = video
-        full = reward.lift_from_depth(video, o.depth, K, o.c2w.float())
+        full = lift_from_depth(video, o.depth, K, o.c2w.float())
         return evaluate.novel_view_metrics(o.critics, video, full, lift=lift)
 
     videos = None
@@ -332,7 +334,7 @@ def test_subject_consistency_is_vbench_definition():
 def test_subject_consistency_with_tiny_dino_models(kind):
     from transformers import Dinov2Config, Dinov2Model
     torch.manual_seed(0)
-    dino = models.build_tiny_dino() if kind == "vit" else Dinov2Model(Dinov2Config(
+    dino = standins.build_tiny_dino() if kind == "vit" else Dinov2Model(Dinov2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
         patch_size=8)).eval()
     video = torch.rand(5, 3, 48, 80, generator=torch.Generator().manual_seed(0))
@@ -385,7 +387,7 @@ def make_run(folder):
     from diffusers import WanPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    wan = models.build_tiny()
+    wan = standins.build_tiny()
     wan.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(3)
@@ -396,7 +398,7 @@ def make_run(folder):
     ckpt = folder / "ckpt_000005"
     WanPipeline.save_lora_weights(str(ckpt / "lora"), transformer_lora_layers=get_peft_model_state_dict(
         wan.transformer), transformer_lora_adapter_metadata=wan.transformer.peft_config["default"].to_dict())
-    config = dict(size="tiny", model=None, frames=9, height=64, width=64, steps=10, text_len=64, guidance=5.0,
+    config = dict(size="tiny", model=None, frames=9, height=64, width=64, rollout_steps=10, text_len=64, guidance=5.0,
                   negative_prompt="", warp_mode="init", warp_strength=None, reward_size="tiny", w_3d=1.0, w_gen=1.0,
                   gen_frames=4, gen_scale=0.1, meta_angle=15.0, traj_rot_scale=10.0)
     (ckpt / "state.json").write_text(json.dumps(dict(step=5, ema_updates=12, world=1, config=config)))
@@ -498,7 +500,8 @@ def test_one_and_two_processes_give_the_same_numbers(one_process, run_dir, promp
 
 @pytest.fixture
 def no_models(monkeypatch):
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite bad input"))
 
 
 def test_bad_inputs_stop_before_loading(no_models, run_dir, prompt_file, tmp_path):
@@ -531,3 +534,19 @@ def test_bad_inputs_stop_before_loading(no_models, run_dir, prompt_file, tmp_pat
             evaluate.main(ok + argv)
         assert message in str(e.value.code), (argv, e.value.code)
         assert "\n" not in str(e.value.code)
+
+
+def test_same_numbers_compares_results_under_renamed_config_keys(tmp_path):
+    """tools/same_numbers.py: a config key renamed between two commits (--steps -> --sample_steps) is compared under its
+    new name; the checkpoint paths are not compared; any other difference is reported."""
+    def write(folder, config, value=1.0):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"config": config, "means": {"base": {"NV_PSNR": value}}}))
+        return folder
+    old = write(tmp_path / "old", {"steps": 20, "ckpt": "a/ckpt_000001"})
+    new = write(tmp_path / "new", {"sample_steps": 20, "ckpt": "b/ckpt_000001"})
+    assert results_differences(old, new, renamed=RENAMED) == []
+    assert results_differences(old, new) != []  # without the renaming, the key is missing on each side
+    other = write(tmp_path / "other", {"sample_steps": 30, "ckpt": "b/ckpt_000001"}, value=2.0)
+    assert results_differences(old, other, renamed=RENAMED) == ["results.json config: sample_steps 20 vs 30",
+                                                                  "results.json: means differs"]

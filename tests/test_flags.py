@@ -21,6 +21,7 @@ import common
 import evaluate
 import models
 import sample
+import standins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,8 @@ class Loaded(Exception):
 def train_until_models(monkeypatch, capsys, argv):
     """train.py with argv in this process, stopped where it loads the models -> (exit message or None, stdout):
     None when it got there (every check passed), else the SystemExit's message."""
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan"), (standins, "random_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: (_ for _ in ()).throw(Loaded()))
     monkeypatch.setattr(sys, "argv", ["train.py"] + argv)
     monkeypatch.chdir(ROOT)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py catches both
@@ -118,8 +120,8 @@ def test_help_shows_the_presets_defaults_once(monkeypatch, capsys, script, size)
 
 def test_help_texts_say_what_the_code_does(monkeypatch, capsys):
     lines, _ = help_lines(monkeypatch, capsys, "train.py", [])
-    assert "channel 0" in lines["reward"]  # reward.toy_reward: the mean of the final latents' channel 0
-    assert shown_default(lines["eval_steps"]) == str(models.SIZES["tiny"]["steps"])
+    assert "channel 0" in lines["reward"]  # standins.latent_reward: the mean of the final latents' channel 0
+    assert shown_default(lines["sample_steps"]) == str(models.SIZES["tiny"]["sample_steps"])
     assert shown_default(lines["log_media_every"]) == shown_default(lines["eval_every"])
     for script in ("train.py", "sample.py", "evaluate.py"):
         line = help_lines(monkeypatch, capsys, script, ["--size=large"])[0]["warp_strength"]

@@ -13,8 +13,8 @@ import types
 import pytest
 import torch
 
-import models
 import reward
+import standins
 
 PROMPTS = ["a cat", "a red fox jumping over a frozen river at dawn", "x"]  # different lengths: the batch pads
 
@@ -39,7 +39,7 @@ def tiny():
     uniform and positions barely move the score; sharpened, the old 3-D positions change it by ~1e-2."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        model, proc = models.build_tiny_hpsv3()
+        model, proc = standins.build_tiny_hpsv3()
     with torch.no_grad():
         for name, p in model.backbone.language_model.named_parameters():
             if "q_proj" in name or "k_proj" in name:
@@ -124,7 +124,7 @@ def test_left_padding_gives_the_same_scores(tiny):
     it) scores as upstream's right-padded batch and as each image alone."""
     model, proc = tiny
     right = reward.hpsv3_score(scorer(model, proc), images(), PROMPTS)
-    _, left_proc = models.build_tiny_hpsv3()
+    _, left_proc = standins.build_tiny_hpsv3()
     left_proc.tokenizer.padding_side = "left"
     m = scorer(model, left_proc)
     left = reward.hpsv3_score(m, images(), PROMPTS)
@@ -141,7 +141,7 @@ def test_bf16_backbone_fp32_head(tiny):
     model, proc = tiny
     s32 = reward.hpsv3_score(scorer(model, proc), images(), PROMPTS)
     with torch.random.fork_rng(devices=[]):
-        half, _ = models.build_tiny_hpsv3()
+        half, _ = standins.build_tiny_hpsv3()
     half.load_state_dict(model.state_dict())
     half.to(torch.bfloat16).rm_head.float()
     assert half.rm_head[0].weight.dtype == torch.float32

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import models
 import noise_warp
 import sample
+import standins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The first line each script prints once its own checks have passed (evaluate.py and train.py print it before
@@ -160,7 +160,7 @@ def test_camera_warnings_count_and_name_the_valid_phrases():
 def test_length_warning_counts_tokens_as_encode_does():
     """Every word here is one token of the tiny vocabulary, plus </s>: k words are k + 1 tokens, and encode keeps
     exactly text_len of them."""
-    tok = models.build_tiny().tokenizer
+    tok = standins.build_tiny().tokenizer
     prompts = ["camera " * 10, "camera " * 3, "camera " * 12]
     assert [len(tok(p).input_ids) for p in prompts] == [11, 4, 13]  # the premise
     assert sample.length_warning(tok, prompts, 13) is None
@@ -175,7 +175,7 @@ def write_lora(folder):
     from diffusers import WanPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    transformer = models.build_tiny().transformer
+    transformer = standins.build_tiny().transformer
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_load_lora_proves_every_tensor_landed(tmp_path, capsys):
     no warning, and the adapter changes the output; disabled, the model is the base model bit for bit (evaluate.py
     samples the base model that way)."""
     sd = write_lora(tmp_path / "all")
-    wan = models.build_tiny()
+    wan = standins.build_tiny()
     x, cond = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 8, 32)
     with torch.no_grad():
         base = sample.velocity(wan.transformer, x, 0.5, cond, torch.zeros_like(cond), 5.0)
@@ -216,11 +216,11 @@ def test_load_lora_partial_warns_with_counts_and_foreign_stops(tmp_path, capsys)
     file = str(tmp_path / "half" / sample.LORA_FILE)
     renamed = {k.replace("blocks.1.", "blokz.1."): v for k, v in load_file(file).items()}
     save_file(renamed, file)
-    sample.load_lora(models.build_tiny().transformer, str(tmp_path / "half"))
+    sample.load_lora(standins.build_tiny().transformer, str(tmp_path / "half"))
     err = capsys.readouterr().err.strip()
     half = len(sd) // 2
     assert err.count("\n") == 0 and f"only {half} of {len(sd)} LoRA tensors match this model" in err
     assert "8 of 16 layers missing, e.g. blokz.1.attn1.to_k" in err
     save_file({k.replace("blocks.", "blokz."): v for k, v in renamed.items()}, file)
     with pytest.raises(SystemExit, match="none of its 16 LoRA layers exist in this model"):
-        sample.load_lora(models.build_tiny().transformer, str(tmp_path / "half"))
+        sample.load_lora(standins.build_tiny().transformer, str(tmp_path / "half"))

@@ -15,6 +15,8 @@ import grpo
 import models
 import reward
 import sample
+import splat
+import standins
 from trainrun import records, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_compute_dtype_is_the_patch_embedding_not_the_first_parameter():
     """Diffusers keeps scale_shift_table (the first parameter) in fp32 in a bf16 Wan: reading the dtype from it fed
     fp32 latents to the bf16 patch embedding (RuntimeError: Input type (float) and bias type (c10::BFloat16))."""
-    wan = models.load_wan(None, torch.device("cpu"), torch.bfloat16)
+    wan = standins.tiny_wan(torch.device("cpu"), torch.bfloat16)
     transformer = wan.transformer
     assert next(transformer.parameters()).dtype == torch.float32  # the trap
     assert models.compute_dtype(transformer) == torch.bfloat16
@@ -38,10 +40,10 @@ def test_compute_dtype_is_the_patch_embedding_not_the_first_parameter():
 
 @pytest.mark.full
 def test_bf16_sample_is_finite_and_close_to_fp32():
-    kw = dict(frames=9, height=64, width=64, steps=4, text_len=16, sampler="unipc")
+    kw = dict(frames=9, height=64, width=64, sample_steps=4, text_len=16, sampler="unipc")
     videos = {}
     for dt in (torch.float32, torch.bfloat16):
-        wan = models.load_wan(None, torch.device("cpu"), dt)
+        wan = standins.tiny_wan(torch.device("cpu"), dt)
         videos[dt] = sample.generate(wan, "Camera orbit left. a stone lighthouse", 0, **kw)
     assert torch.isfinite(videos[torch.bfloat16]).all()
     assert (videos[torch.bfloat16] - videos[torch.float32]).abs().mean() < 0.05
@@ -100,7 +102,7 @@ def test_fsdp_forward_equals_unsharded_bf16_and_keeps_the_timestep(tmp_path, cas
 def test_eval_on_two_ranks_for_any_number_of_prompts(tmp_path, eval_prompts, extra):
     """Under FSDP every rank must join every forward; eval used to run only on ranks < eval_prompts and hung."""
     out = tmp_path / "run"
-    run(["--size=tiny", "--max_steps=1", "--reward=toy", "--eval_every=1", f"--eval_prompts={eval_prompts}",
+    run(["--size=tiny", "--max_steps=1", "--reward=latent", "--eval_every=1", f"--eval_prompts={eval_prompts}",
          "--save_every=100", "--prompts_per_rank=1"] + extra, out, nproc=2)
     rec = records(out)[0]
     assert rec["eval_reward"] is not None
@@ -111,24 +113,24 @@ def test_eval_on_two_ranks_for_any_number_of_prompts(tmp_path, eval_prompts, ext
 # Renderer and reward failures
 
 def test_renderer_check_passes_on_cpu():
-    assert "torch rasterizer" in reward.check_renderer(torch.device("cpu"))
+    assert "torch rasterizer" in splat.check_renderer(torch.device("cpu"))
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        reward.check_renderer(torch.device("cpu"), "gsplat")
+        splat.check_renderer(torch.device("cpu"), "gsplat")
 
 
-BROKEN_RENDERER = ("import reward\n"
+BROKEN_RENDERER = ("import splat\n"
                    "def broken(*a, **k):\n"
                    "    raise RuntimeError('rasterizer exploded')\n"
-                   "reward._render_torch = broken\n")
-BROKEN_S_RECON = ("import reward\n"
-                  "real = reward.check_renderer\n"
+                   "splat._render_torch = broken\n")
+BROKEN_S_RECON = ("import reward, splat\n"
+                  "real = splat.check_renderer\n"
                   "def check(*a, **k):\n"
                   "    out = real(*a, **k)\n"
                   "    def broken(*a, **k):\n"
                   "        raise ValueError('renders went wrong')\n"
                   "    reward.s_recon = broken\n"
                   "    return out\n"
-                  "reward.check_renderer = check\n")
+                  "splat.check_renderer = check\n")
 
 
 @pytest.mark.parametrize("wrapper, message", [
@@ -163,14 +165,14 @@ def test_a_black_video_scores_below_real_videos_with_negative_scores():
 
 
 def test_score_marks_black_and_failing_videos_bad_and_raises_systemic_failures(monkeypatch):
-    critics = models.load_reward_models("tiny")
+    critics = standins.tiny_reward_models()
     g = torch.Generator().manual_seed(0)
     videos = torch.rand(3, 5, 3, 32, 32, generator=g)
     videos[1] = 0  # black
     out, why = reward.score(critics, videos, ["a cat"] * 3, [None] * 3, dynamic=True)
     assert out["bad"].tolist() == [False, True, False]
     assert torch.isnan(out["total"][1]) and torch.isfinite(out["total"][[0, 2]]).all()
-    assert why[1] == "black video"
+    assert why[1] == [reward.Failure(reward.Kind.BAD_VIDEO, "video", "black")]
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -190,7 +192,7 @@ def test_a_rank_that_sees_another_out_dir_stops_every_rank(tmp_path):
                        f"sys.argv[0] = 'train.py'\nos.chdir({ROOT!r})\nsys.path.insert(0, {ROOT!r})\n"
                        "runpy.run_path('train.py', run_name='__main__')\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-           "--size=tiny", "--reward=toy", "--max_steps=1", f"--out_dir={tmp_path / 'run'}"]
+           "--size=tiny", "--reward=latent", "--max_steps=1", f"--out_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0

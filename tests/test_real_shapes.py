@@ -2,7 +2,7 @@
 The released model shapes end to end, on the CPU in bf16, with random weights and only the depth cut:
 Wan2.1-T2V-1.3B (transformer, UMT5-XXL with its 256384-token table, the Wan2.1 VAE) and the critics (DA3-giant
 with its Gaussian head, Qwen3-VL-4B, HPSv3 on Qwen2-VL-7B, LPIPS), every width, head count, patch size,
-processor setting and vocabulary as released (models.random_wan, models.random_reward_models). Each model is saved
+processor setting and vocabulary as released (standins.random_wan, standins.random_reward_models). Each model is saved
 in its released on-disk layout and loaded back through the real loaders (models.load_wan,
 models.load_reward_models), so configs and checkpoint keys are exercised: every loaded tensor must equal the one
 saved. Then a reduced video, 17 frames x 128 x 224 (latent 16 x 5 x 16 x 28), goes through UMT5, one CFG
@@ -25,6 +25,7 @@ import models
 import noise_warp
 import reward
 import sample
+import standins
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
@@ -73,15 +74,15 @@ def capture_inputs(module, store):
 def test_wan_real_shapes_save_load_and_one_step(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        wan = models.random_wan("small", CPU, BF16, depth=1)
+        wan = standins.random_wan("small", CPU, BF16, depth=1)
     tc, ec = wan.transformer.config, wan.text_encoder.config
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-    for k, v in dict(models.WAN_CONFIGS["small"], num_layers=1).items():  # every field as released but the depth
+    for k, v in dict(standins.WAN_CONFIGS["small"], num_layers=1).items():  # every field as released but the depth
         assert as_list(tc[k]) == as_list(v), k
     assert (ec.vocab_size, ec.d_model, ec.d_ff, ec.num_heads, ec.num_layers) == (256384, 4096, 10240, 64, 1)
     assert {k: as_list(wan.vae.config[k]) for k in WAN21_VAE} == WAN21_VAE  # diffusers' defaults are Wan2.1's VAE
     before = {part: fingerprint(getattr(wan, part)) for part in ("transformer", "text_encoder", "vae")}
-    models.save_pretrained(wan, tmp_path)
+    standins.save_pretrained(wan, tmp_path)
     del wan
     gc.collect()
 
@@ -119,7 +120,7 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
     import lpips
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        critics = models.random_reward_models(CPU, BF16, depth=1, process_res=PROCESS_RES)
+        critics = standins.random_reward_models(CPU, BF16, depth=1, process_res=PROCESS_RES)
     vit = critics.da3.backbone.pretrained
     assert (vit.embed_dim, vit.num_heads, vit.patch_size, len(vit.blocks)) == (1536, 24, 14, 4)
     assert critics.gs_cfg["sh_degree"] == 2 and critics.gs_cfg["gaussian_scale_max"] == 30.0  # da3-giant's adapter
@@ -135,7 +136,7 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
     assert (qc.image_token_id, hc.image_token_id, critics.hps.reward_token_id) == (151655, 151655, 151657)
     before = {k: fingerprint(getattr(critics, k)) for k in ("da3", "qwen", "hps")}
 
-    paths = models.save_reward_models(critics, tmp_path)
+    paths = standins.save_reward_models(critics, tmp_path)
     del critics
     gc.collect()
     assert json.loads((tmp_path / "da3" / "config.json").read_text()) == {"model_name": "da3-giant", "depth": 4}
@@ -163,7 +164,7 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
     assert {p.dtype for p in critics.hps.rm_head.parameters()} == {torch.float32}
     assert {p.dtype for p in critics.lpips.parameters()} == {torch.float32}
     assert list(critics.qwen_proc.image_processor.image_mean) == [0.5] * 3
-    assert list(critics.hps_proc.image_processor.image_mean) == models.QWEN2_VL_IMAGES["image_mean"]
+    assert list(critics.hps_proc.image_processor.image_mean) == standins.QWEN2_VL_IMAGES["image_mean"]
 
     lifts, qwen_in, hps_in = [], [], []
     lift = reward.lift
@@ -174,12 +175,12 @@ def test_reward_models_real_shapes_save_load_and_score(tmp_path, monkeypatch):
     r, why = reward.score(critics, videos, [PROMPT, PROMPT], [path, path])
     for h in hooks:
         h.remove()
-    assert why == ["", ""]
+    assert why == [[], []]
     for k in ("S_meta", "S_recon", "S_traj", "R_gen", "R_3D", "total"):
         assert r[k].shape == (2,) and torch.isfinite(r[k]).all(), k
     assert ((r["S_meta"] > 0) & (r["S_meta"] < 1)).all() and (r["R_gen"] != 0).all()
 
-    h, w = reward._lift_size(HEIGHT, WIDTH, PROCESS_RES)
+    h, w = reward.lift_size(HEIGHT, WIDTH, PROCESS_RES)
     assert (h, w) == (42, 84) and len(lifts) == len(qwen_in) == len(hps_in) == 2
     for lf in lifts:  # DA3's Gaussian head: one Gaussian per pixel, degree-2 SH
         n = FRAMES * h * w
@@ -217,7 +218,7 @@ def test_train_one_rl_step_on_the_real_shapes_then_resume(tmp_path):
                        "Camera push in. A narrow alley of red lanterns at dusk.\n")
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "--size=small", "--random_weights", "--depth=1", "--dtype=bf16", "--frames=9",
-            "--height=64", "--width=112", f"--lift_res={PROCESS_RES}", "--steps=4", "--text_len=64",
+            "--height=64", "--width=112", f"--lift_res={PROCESS_RES}", "--rollout_steps=4", "--text_len=64",
             "--group_size=2", "--prompts_per_rank=1", "--eval_every=0", "--dynamic_every=0", "--save_every=1",
             f"--train_prompts={prompts}", f"--out_dir={out}"]
     for extra in (["--max_steps=1"], ["--max_steps=2", "--resume"]):

@@ -26,7 +26,8 @@ import common
 import evaluate
 import models
 import sample
-from trainrun import run
+import standins
+from trainrun import records, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Camera pan left. A red house by a river.", "Camera push in. A cup on a table.",
@@ -43,9 +44,9 @@ def p4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def T(p4):
-    """The smallest train.py run that exercises the whole loop: 2 denoising steps, one SDE step, 2 videos, toy reward."""
-    return ["--size=tiny", "--reward=toy", "--eval_every=0", "--dynamic_every=0", f"--train_prompts={p4}",
-            "--steps=2", "--sde_window=1", "--group_size=2", "--prompts_per_rank=1"]
+    """The smallest train.py run that exercises the whole loop: 2 denoising steps, one SDE step, 2 videos, latent reward."""
+    return ["--size=tiny", "--reward=latent", "--eval_every=0", "--dynamic_every=0", f"--train_prompts={p4}",
+            "--rollout_steps=2", "--sde_window=1", "--group_size=2", "--prompts_per_rank=1"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def copy_of(run_dir, tmp_path, name="run"):
 def in_process(monkeypatch, script, argv):
     """A script in this process with the model loader forbidden: what it refuses, it refuses before loading.
     Returns the SystemExit message. The signal handlers a script installs are put back afterwards."""
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a refusal"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite a refusal"))
     monkeypatch.setattr(sys, "argv", [script] + argv)
     monkeypatch.chdir(ROOT)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -198,7 +200,8 @@ def test_03_evaluate_curves_skip_a_cut_line(tmp_path, capsys):
 
 @pytest.fixture
 def no_models(monkeypatch):
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a refusal"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite a refusal"))
 
 
 def test_04_a_second_evaluation_on_the_same_out_is_refused(no_models, tmp_path, p4):
@@ -209,17 +212,17 @@ def test_04_a_second_evaluation_on_the_same_out_is_refused(no_models, tmp_path, 
         held.write("4242")
         held.flush()
         with pytest.raises(SystemExit) as e:
-            evaluate.main(["--prompts", p4, "--out", str(out), "--steps", "2"])
+            evaluate.main(["--prompts", p4, "--out", str(out), "--sample_steps", "2"])
     assert str(e.value.code) == (f"error: {out} is in use by another evaluation (pid 4242); wait for it to finish or "
                                  "pick another --out")
 
 
 # evaluate.py with every network but the tiny Wan replaced by stubs (fixed metric values), for the tests of what it
 # writes; the sampling, the table and the files are the real code.
-FAST_EVALUATE = ("import evaluate, models, reward\n"
+FAST_EVALUATE = ("import evaluate, models, splat\n"
                  "models.load_reward_models = lambda *a, **k: None\n"
                  "models.load_dino = models.load_raft = lambda *a, **k: None\n"
-                 "reward.check_renderer_on_every_rank = lambda *a, **k: None\n"
+                 "splat.check_renderer_on_every_rank = lambda *a, **k: None\n"
                  "evaluate.evaluate_video = lambda *a, **k: ({key: float('nan') if key in ('Consistent', 'CamFollow')\n"
                  "                                            else 0.5 for key in evaluate.KEYS}, '')\n")  # no judge here
 
@@ -227,7 +230,7 @@ FAST_EVALUATE = ("import evaluate, models, reward\n"
 @pytest.mark.full
 def test_05_evaluate_on_a_full_disk_prints_the_table_and_leaves_no_cut_file(tmp_path, p4):
     out = tmp_path / "eval"
-    argv = ["--prompts", p4, "--limit", "2", "--steps", "2", "--out", str(out)]
+    argv = ["--prompts", p4, "--limit", "2", "--sample_steps", "2", "--out", str(out)]
     proc = python(FAST_EVALUATE + "import common\nreal = common.setup_dist\n"  # the disk fills once the checks passed
                   "def setup_dist(*a):\n" + "".join("    " + line + "\n" for line in full_disk(1000).splitlines()) +
                   f"    return real(*a)\ncommon.setup_dist = setup_dist\nevaluate.main({argv!r})\n")
@@ -256,7 +259,7 @@ def test_06_a_state_that_disagrees_with_its_folder_name_is_not_resumed(run2, tmp
 @pytest.mark.full
 def test_07_sample_on_a_full_disk_fails_instead_of_writing_a_cut_video(tmp_path):
     out = tmp_path / "x.mp4"
-    proc = script("sample.py", ["--prompt", PROMPTS[0], "--steps", "2", "--out", str(out)], full_disk(4096))
+    proc = script("sample.py", ["--prompt", PROMPTS[0], "--sample_steps", "2", "--out", str(out)], full_disk(4096))
     no_traceback(proc)
     assert proc.returncode != 0 and "wrote" not in proc.stdout
     assert last_line(proc.stderr) == f"error: cannot write {out} (ffmpeg wrote 0 of its 9 frames; is the disk full?)"
@@ -266,7 +269,7 @@ def test_07_sample_on_a_full_disk_fails_instead_of_writing_a_cut_video(tmp_path)
 @pytest.mark.full
 def test_07_train_eval_video_on_a_full_disk_stops_with_one_line(T, tmp_path):
     out = tmp_path / "run"
-    proc = run(T + ["--max_steps=1", "--save_every=100", "--eval_every=1", "--eval_prompts=1", "--eval_steps=2"], out,
+    proc = run(T + ["--max_steps=1", "--save_every=100", "--eval_every=1", "--eval_prompts=1", "--sample_steps=2"], out,
                check=False, wrapper=full_disk(4096))
     no_traceback(proc)
     assert proc.returncode != 0
@@ -291,33 +294,55 @@ def test_08_latest_naming_a_folder_outside_the_run_is_not_followed(run2, tmp_pat
 
 
 def test_09_fewer_frames_than_the_metrics_need_are_refused(monkeypatch, T, tmp_path, p4):
-    world = [a for a in T if a != "--reward=toy"]
+    world = [a for a in T if a != "--reward=latent"]
     assert in_process(monkeypatch, "train.py", world + ["--frames=1", f"--out_dir={tmp_path}"]) == \
         "error: --frames=1: the world reward needs at least 5 frames"
     with pytest.raises(SystemExit, match="--frames=1: the metrics need at least 5 frames"):
         evaluate.parse_args(["--frames", "1", "--prompts", p4])
 
 
-ALL_BAD = ("import models, reward, torch\n"
-           "models.load_reward_models = lambda *a, **k: None\n"
-           "reward.check_renderer_on_every_rank = lambda *a, **k: None\n"
+ALL_BAD = ("import reward, splat, standins, torch\n"
+           "standins.tiny_reward_models = lambda *a, **k: None\n"
+           "splat.check_renderer_on_every_rank = lambda *a, **k: None\n"
            "def score(critics, videos, *a, **k):\n"
            "    nan = torch.full((len(videos),), float('nan'))\n"
            "    parts = dict(total=nan, S_meta=nan, S_recon=nan, S_traj=nan, R_3D=nan, R_gen=nan)\n"
-           "    return dict(parts, bad=torch.ones(len(videos), dtype=torch.bool)), ['black video'] * len(videos)\n"
+           "    black = [reward.Failure(reward.Kind.BAD_VIDEO, 'video', 'black')]\n"
+           "    return dict(parts, bad=torch.ones(len(videos), dtype=torch.bool)), [black] * len(videos)\n"
            "reward.score = score\n")
+# One video of every group non-finite: its pixels (the VAE's output), or a critic's score of it
+NAN_VIDEO = ("import sample\n"
+             "real = sample.decode\n"
+             "def decode(*a, **k):\n"
+             "    video = real(*a, **k)\n"
+             "    video[-1, 0, 0, 0, 0] = float('nan')\n"
+             "    return video\n"
+             "sample.decode = decode\n")
+NAN_CRITIC = ("import reward\n"
+              "real, calls = reward.s_recon, []\n"
+              "def s_recon(*a, **k):\n"
+              "    calls.append(1)\n"
+              "    return float('nan') if len(calls) % 2 == 0 else real(*a, **k)\n"
+              "reward.s_recon = s_recon\n")
 
 
 @pytest.mark.full
-def test_09_steps_without_a_scorable_video_count_toward_max_bad_steps(T, tmp_path):
-    world = [a for a in T if a != "--reward=toy"]
+@pytest.mark.parametrize("wrapper, reason", [(ALL_BAD, "video bad_video"), (NAN_VIDEO, "video not_finite"),
+                                             (NAN_CRITIC, "S_recon not_finite")],
+                         ids=["no_scorable_video", "nan_video", "nan_critic_score"])
+def test_09_steps_without_a_scorable_video_or_with_a_nan_count_toward_max_bad_steps(T, tmp_path, wrapper, reason):
+    """A step whose videos are all bad, or with one non-finite video (its pixels, or a critic's score of it: both
+    reward.Kind.NOT_FINITE, counted alike), counts toward --max_bad_steps; the bad video scores below its group."""
+    world = [a for a in T if a != "--reward=latent"]
     out = tmp_path / "run"
-    proc = run(world + ["--max_steps=5", "--max_bad_steps=2", "--save_every=100"], out, check=False, wrapper=ALL_BAD)
+    proc = run(world + ["--max_steps=3", "--max_bad_steps=2", "--save_every=100"], out, check=False, wrapper=wrapper)
     no_traceback(proc)
     assert proc.returncode != 0
     assert "error: 2 steps in a row with non-finite gradients or rewards or no scorable video; stopping" in \
         last_line(proc.stderr)
     assert steps(out) == [0]  # the second bad step stops the run before it is logged
+    first = records(out)[0]
+    assert first["reasons"][reason] == first["bad_videos"] == (2 if wrapper is ALL_BAD else 1)
 
 
 def claim_again(out, **changes):
@@ -532,7 +557,7 @@ def test_16_a_second_signal_stops_at_once(T, tmp_path):
     ("evaluate.py", ["--limit", "1"], "stopped before the evaluation finished")])
 def test_16_sample_and_evaluate_stop_on_a_signal_with_one_line(tmp_path, name, argv, what):
     proc = script(name, argv + ["--out", str(tmp_path / ("x.mp4" if name == "sample.py" else "eval"))],
-                  send_at("models.load_wan", 1, ["SIGTERM"]))
+                  send_at("standins.tiny_wan", 1, ["SIGTERM"]))
     no_traceback(proc)
     assert proc.returncode == 1 and last_line(proc.stderr) == f"error: SIGTERM: {what}"
 

@@ -1,11 +1,11 @@
 """
-Weight-free tests of reward.py: the rasterizer against independent references, the camera maths against
-scipy, a synthetic-scene round trip through the depth lift and the three 3D terms, and the tiny DA3 / Qwen3-VL /
-HPSv3 critics end to end, including every bad-video path.
+Weight-free tests of reward.py: the SH rotation of the lift, the camera maths against scipy, a synthetic-scene
+round trip through the depth lift and the three 3D terms, and the tiny DA3 / Qwen3-VL / HPSv3 critics end to end,
+including every bad-video path (the rasterizers are tested in tests/test_splat.py).
 
     . .venv/bin/activate && python -m pytest tests/test_reward.py -q -s     (-s shows the timings printed)
 
-About a minute on 2 CPU cores; the one CUDA test (gsplat vs the torch rasterizer) is skipped without a GPU.
+About a minute on 2 CPU cores.
 """
 import dataclasses
 import math
@@ -19,6 +19,8 @@ from scipy.spatial.transform import Rotation
 import models
 import noise_warp
 import reward
+import splat
+import standins
 
 # ---------------------------------------------------------------------------------------------------------------
 # shared helpers
@@ -26,7 +28,7 @@ import reward
 
 @pytest.fixture(scope="module")
 def critics():
-    return models.load_reward_models("tiny")
+    return standins.tiny_reward_models()
 
 
 def rot_y(a):
@@ -57,169 +59,17 @@ def pan_right(F=9, deg=14.0):
     return T
 
 
+def lift_from_depth(frames, depth, K, c2w):
+    """A Lift from known depth and cameras (a synthetic scene's): Gaussians by unprojection, no DA3."""
+    return reward.Lift(frames, depth, torch.linalg.inv(c2w), c2w, K, reward.unproject_gaussians(frames, depth, K, c2w))
+
+
 def intrinsics(F, f=60.0, h=64, w=64, dtype=torch.float32):
     return torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]], dtype=dtype).repeat(F, 1, 1)
 
 
-def random_gaussians(n, gen, dtype=torch.float64, depth=(3.0, 6.0), spread=1.0):
-    """Gaussians in front of an identity camera (inside a ~60 deg frustum)."""
-    z = depth[0] + (depth[1] - depth[0]) * torch.rand(n, generator=gen, dtype=dtype)
-    xy = (torch.rand(n, 2, generator=gen, dtype=dtype) - 0.5) * spread * z[:, None] * 0.8
-    q = torch.randn(n, 4, generator=gen, dtype=dtype)
-    return dict(means=torch.cat([xy, z[:, None]], -1), quats=q / q.norm(dim=-1, keepdim=True),
-                scales=0.05 + 0.15 * torch.rand(n, 3, generator=gen, dtype=dtype),
-                opacities=0.3 + 0.65 * torch.rand(n, generator=gen, dtype=dtype),
-                colors=torch.rand(n, 3, generator=gen, dtype=dtype))
-
-
-def dense_render(g, viewmat, K, H, W):
-    """Independent O(N*HW) reference: EWA projection written out here, every Gaussian at every pixel centre,
-    per-pixel front-to-back compositing with a cumulative product."""
-    w, x, y, z = (g["quats"] / g["quats"].norm(dim=-1, keepdim=True)).unbind(-1)
-    R = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).view(-1, 3, 3)
-    M = R * g["scales"][:, None, :]
-    cov_c = viewmat[:3, :3] @ (M @ M.transpose(1, 2)) @ viewmat[:3, :3].T
-    t = g["means"] @ viewmat[:3, :3].T + viewmat[:3, 3]
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    tx, ty, tz = t.unbind(-1)
-    J = torch.zeros(len(t), 2, 3, dtype=t.dtype)
-    J[:, 0, 0], J[:, 0, 2], J[:, 1, 1], J[:, 1, 2] = fx / tz, -fx * tx / tz ** 2, fy / tz, -fy * ty / tz ** 2
-    cov2 = J @ cov_c @ J.transpose(1, 2) + 0.3 * torch.eye(2, dtype=t.dtype)
-    mu = torch.stack([fx * tx / tz + cx, fy * ty / tz + cy], -1)
-    py, px = torch.meshgrid(torch.arange(H, dtype=t.dtype) + 0.5, torch.arange(W, dtype=t.dtype) + 0.5, indexing="ij")
-    d = torch.stack([px, py], -1).view(1, -1, 2) - mu[:, None]  # (N, P, 2)
-    sigma = 0.5 * torch.einsum("npi,nij,npj->np", d, torch.linalg.inv(cov2), d)
-    alpha = (g["opacities"][:, None] * torch.exp(-sigma)).clamp(max=0.999)
-    alpha = torch.where(alpha >= 1 / 255, alpha, torch.zeros_like(alpha))[torch.argsort(tz)]  # front to back
-    T = torch.cumprod(torch.cat([torch.ones_like(alpha[:1]), 1 - alpha[:-1]]), 0)
-    rgb = torch.einsum("np,nc->pc", alpha * T, g["colors"][torch.argsort(tz)])
-    return rgb.view(H, W, 3), (1 - torch.prod(1 - alpha, 0)).view(H, W, 1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# rasterizer
-
-
-def test_rasterizer_matches_dense_reference():
-    gen = torch.Generator().manual_seed(0)
-    g = random_gaussians(25, gen)
-    views = torch.stack([torch.eye(4, dtype=torch.float64), torch.linalg.inv(orbit(2, 8.0, 4.0)[1])])
-    K = intrinsics(2, f=30.0, h=20, w=24, dtype=torch.float64)
-    rgb, alpha, depth = reward.render(g, views, K, 20, 24, with_depth=True)
-    for c in range(2):
-        ref_rgb, ref_alpha = dense_render(g, views[c], K[c], 20, 24)
-        assert (rgb[c] - ref_rgb).abs().max() < 1e-9
-        assert (alpha[c] - ref_alpha).abs().max() < 1e-9
-    assert alpha.max() > 0.5 and torch.isfinite(depth).all()
-    # depth-ordered chunks with carried transmittance give the same image as one chunk
-    chunked = reward._render_torch(g, views, K, 20, 24, max_pairs=37)
-    assert (chunked[0] - rgb).abs().max() < 1e-12 and (chunked[1] - alpha).abs().max() < 1e-12
-
-
-def test_rasterizer_gradcheck():
-    gen = torch.Generator().manual_seed(1)
-    g = random_gaussians(3, gen, spread=0.5)
-    view, K = torch.eye(4, dtype=torch.float64)[None], intrinsics(1, f=12.0, h=8, w=10, dtype=torch.float64)
-    names = ["means", "quats", "scales", "opacities", "colors"]
-
-    def f(*xs):
-        rgb, alpha = reward.render(dict(zip(names, xs)), view, K, 8, 10)
-        return rgb, alpha
-
-    assert torch.autograd.gradcheck(f, [g[k].clone().requires_grad_() for k in names], eps=1e-6, atol=1e-6)
-
-
-def test_single_gaussian_lands_on_its_analytic_pixel():
-    view = torch.eye(4, dtype=torch.float64)
-    view[:3, :3] = torch.tensor(Rotation.from_rotvec([0.1, -0.2, 0.05]).as_matrix())
-    view[:3, 3] = torch.tensor([0.3, -0.2, 0.5])
-    X = torch.tensor([0.4, 0.25, 5.0], dtype=torch.float64)
-    Xw = view[:3, :3].T @ (X - view[:3, 3])  # the world point that sits at X in the camera
-    K = torch.tensor([[50.0, 0, 33.3], [0, 55.0, 30.1], [0, 0, 1]], dtype=torch.float64)
-    u, v = (K[0, 0] * X[0] / X[2] + K[0, 2]).item(), (K[1, 1] * X[1] / X[2] + K[1, 2]).item()
-    g = dict(means=Xw[None], quats=torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
-             scales=torch.full((1, 3), 0.1, dtype=torch.float64), opacities=torch.tensor([0.8], dtype=torch.float64),
-             colors=torch.tensor([[1.0, 0.5, 0.25]], dtype=torch.float64))
-    rgb, alpha = reward.render(g, view[None], K[None], 64, 64)
-    a = alpha[0, ..., 0]
-    ys, xs = torch.meshgrid(torch.arange(64.0, dtype=torch.float64), torch.arange(64.0, dtype=torch.float64),
-                            indexing="ij")
-    # pixel j covers [j, j+1): a Gaussian at u has its alpha centroid at pixel index u - 0.5
-    assert abs((a * xs).sum() / a.sum() - (u - 0.5)) < 0.02 and abs((a * ys).sum() / a.sum() - (v - 0.5)) < 0.02
-    assert int(a.argmax()) == int(v) * 64 + int(u)
-    assert torch.allclose(rgb[0].amax((0, 1)), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64) * a.max())
-    # SH degree 0 renders as colour = C0 * coefficient + 0.5, as gsplat
-    sh = dict(g, sh=((g.pop("colors") - 0.5) / 0.28209479177387814)[:, None, :])
-    assert torch.allclose(reward.render(sh, view[None], K[None], 64, 64)[0], rgb, atol=1e-12)
-
-
-def random_sh(n, gen, degree=2, dtype=torch.float32):
-    """(N, K, 3) SH coefficients: DC colours 0.2-0.8, every higher band non-zero (+-0.3)."""
-    sh = (torch.rand(n, (degree + 1) ** 2, 3, generator=gen, dtype=dtype) - 0.5) * 0.6
-    sh[:, 0] = (torch.rand(n, 3, generator=gen, dtype=dtype) * 0.6 - 0.3) / reward.SH_C0
-    return sh
-
-
-def psnr(a, b):
-    return 10 * math.log10(1 / float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean()))
-
-
-def test_sh_colour_is_seen_from_each_camera_centre():
-    """One small Gaussian with degree-2 SH seen by two cameras at different positions: its peak colour is
-    (opacity-weighted) SH_2(mean - camera centre) + 0.5, the direction from each camera's own centre (gsplat's rule),
-    and the two views' colours differ."""
-    from gsplat.cuda._torch_impl import _spherical_harmonics
-    gen = torch.Generator().manual_seed(5)
-    mean = torch.tensor([[0.1, -0.05, 3.0]], dtype=torch.float64)
-    g = dict(means=mean, quats=torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
-             scales=torch.full((1, 3), 0.2, dtype=torch.float64), opacities=torch.tensor([0.9], dtype=torch.float64),
-             sh=random_sh(1, gen, dtype=torch.float64))
-    c2w = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
-    c2w[1, :3, :3] = rot_y(math.radians(40))
-    c2w[1, :3, 3] = mean[0] - c2w[1, :3, 2] * 3.0  # orbited 40 degrees about the Gaussian
-    rgb, alpha = reward.render(g, torch.linalg.inv(c2w), intrinsics(2, dtype=torch.float64), 64, 64)
-    for c in range(2):
-        expected = _spherical_harmonics(2, mean - c2w[c, :3, 3], g["sh"]).clamp_min(-0.5)[0] + 0.5
-        peak = int(alpha[c, ..., 0].argmax())
-        assert torch.allclose(rgb[c].view(-1, 3)[peak], expected * alpha[c].view(-1)[peak], atol=1e-12)
-    assert (rgb[0].amax((0, 1)) - rgb[1].amax((0, 1))).abs().max() > 0.05
-
-
-def test_renderer_check_scene_has_view_dependent_colour():
-    """reward.synthetic_scene (what check_renderer compares gsplat with) holds degree-2 SH whose higher bands matter:
-    a renderer that dropped them (DC colour only) would score about 26 dB, far under the check's 40."""
-    gs, w2c, K = reward.synthetic_scene()
-    assert gs["sh"].shape == (2000, 9, 3) and (gs["sh"][:, 1:].abs() > 1e-3).float().mean() > 0.98
-    full, alpha = reward.render(gs, w2c, K, 64, 64, backend="torch")
-    dc_only = reward.render(dict(gs, sh=torch.cat([gs["sh"][:, :1], torch.zeros_like(gs["sh"][:, 1:])], 1)), w2c, K,
-                            64, 64, backend="torch")[0]
-    assert psnr(full, dc_only) < 30
-    assert alpha.mean() > 0.3  # the scene fills the views
-    assert len({tuple(torch.linalg.inv(v)[:3, 3].tolist()) for v in w2c}) == 3  # three camera positions
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat needs CUDA")
-def test_gsplat_matches_torch_rasterizer():
-    """gsplat's CUDA kernels (render_mode RGB+ED, sh_degree=2) against our torch rasterizer on the CPU, on Gaussians
-    with random degree-2 SH seen from two camera positions, so view-dependent colour is part of what must agree."""
-    gen = torch.Generator().manual_seed(2)
-    g = {k: v.float() for k, v in random_gaussians(500, gen).items() if k != "colors"}
-    g["sh"] = random_sh(500, gen)
-    views, K = torch.eye(4).repeat(2, 1, 1), intrinsics(2, f=60.0)
-    views[1, 0, 3] = 0.2
-    views[1, :3, :3] = rot_y(math.radians(3)).float()
-    (rgb_a, alpha_a, depth_a) = reward.render({k: v.cuda() for k, v in g.items()}, views.cuda(), K.cuda(), 64, 64,
-                                              backend="gsplat", with_depth=True)
-    (rgb_b, alpha_b, depth_b) = reward.render(g, views, K, 64, 64, backend="torch", with_depth=True)
-    rgb_a, alpha_a, depth_a = rgb_a.cpu(), alpha_a.cpu(), depth_a.cpu()
-    # gsplat stops a pixel at transmittance 1e-4 and accumulates in float32: small differences only
-    assert (rgb_a - rgb_b).abs().max() < 2e-3 and (alpha_a - alpha_b).abs().max() < 2e-3
-    assert psnr(rgb_a, rgb_b) > 40
-    seen = alpha_b > 0.5
-    assert ((depth_a - depth_b).abs() / depth_b)[seen].max() < 1e-3
-    assert "matches the torch rasterizer" in reward.check_renderer(torch.device("cuda"))
+# lift: DA3's SH bands rotated from camera to world
 
 
 def test_sh_rotation_is_exact():
@@ -342,12 +192,12 @@ def requested(prompt, F=9, pivot=4.5):
 @pytest.fixture(scope="module")
 def synthetic():
     c2w, K = requested("Camera orbit left."), intrinsics(9)
-    rgb, alpha, depth = reward.render(smooth_scene(), torch.linalg.inv(c2w).float(), K, 64, 64, with_depth=True)
+    rgb, alpha, depth = splat.render(smooth_scene(), torch.linalg.inv(c2w).float(), K, 64, 64, with_depth=True)
     return rgb.clamp(0, 1).permute(0, 3, 1, 2), depth[..., 0], alpha[..., 0] > 0.99, K, c2w
 
 
 def masked_psnr(lf, frames, mask):
-    out, _ = reward.render(lf.gaussians, lf.w2c, lf.K, 64, 64)
+    out, _ = splat.render(lf.gaussians, lf.w2c, lf.K, 64, 64)
     err = ((out.clamp(0, 1) - frames.permute(0, 2, 3, 1)) ** 2)[mask].mean()
     return float(-10 * torch.log10(err))
 
@@ -356,12 +206,12 @@ def masked_psnr(lf, frames, mask):
 def test_synthetic_roundtrip_psnr_and_s_recon(critics, synthetic):
     frames, depth, mask, K, c2w = synthetic
     assert mask.float().mean() > 0.7
-    lf = reward.lift_from_depth(frames, depth, K, c2w.float())
+    lf = lift_from_depth(frames, depth, K, c2w.float())
     psnr, s = masked_psnr(lf, frames, mask), reward.s_recon(critics, lf)
     scale = (1 + 0.5 * (-1) ** torch.arange(9)).view(9, 1, 1)  # frames alternately 50% too far and too near
-    bad_depth = reward.lift_from_depth(frames, depth * scale, K, c2w.float())
+    bad_depth = lift_from_depth(frames, depth * scale, K, c2w.float())
     gl = torch.diag(torch.tensor([1.0, -1, -1, 1]))  # OpenCV <-> OpenGL axes
-    flipped = reward.lift_from_depth(frames, depth, K, c2w.float() @ gl)
+    flipped = lift_from_depth(frames, depth, K, c2w.float() @ gl)
     psnr_d, s_d = masked_psnr(bad_depth, frames, mask), reward.s_recon(critics, bad_depth)
     psnr_f, s_f = masked_psnr(flipped, frames, mask), reward.s_recon(critics, flipped)
     print(f"\nsynthetic round trip PSNR {psnr:.1f} dB (perturbed depth {psnr_d:.1f}, flipped cameras {psnr_f:.1f}); "
@@ -373,7 +223,7 @@ def test_synthetic_roundtrip_psnr_and_s_recon(critics, synthetic):
 
 def test_synthetic_s_traj(synthetic):
     frames, depth, mask, K, c2w = synthetic
-    lf = reward.lift_from_depth(frames, depth, K, c2w.float())
+    lf = lift_from_depth(frames, depth, K, c2w.float())
     # requested() scales the warp so its plane (depth 1000) sits at 7.5, just behind the backdrop (7 +- 0.8)
     d, plane = float(lf.depth[0].median()), 1000 * 4.5 / 600
     assert 6.5 < d < 7.5
@@ -383,7 +233,7 @@ def test_synthetic_s_traj(synthetic):
     other = S(lf.c2w, requested("Camera orbit right."))
     push = S(lf.c2w, requested("Camera push in."))
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
-    shuffled = reward.lift_from_depth(frames[perm], depth[perm], K, c2w[perm].float())
+    shuffled = lift_from_depth(frames[perm], depth[perm], K, c2w[perm].float())
     shuf = S(shuffled.c2w, c2w)
     print(f"\nS_traj: true path {good:.4f} (warp plane at 7.5 instead of the scene depth {d:.2f}: {at_plane:.4f}), "
           f"orbit right {other:.2e}, push in {push:.3f}, shuffled frames {shuf:.3f}")
@@ -464,7 +314,7 @@ def test_hpsv3_key_remap_loads_the_old_layout(critics):
     assert not any(k.startswith("backbone.") for k in old)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
-        fresh, _ = models.build_tiny_hpsv3()
+        fresh, _ = standins.build_tiny_hpsv3()
     fresh.load_state_dict(models.remap_hpsv3_state_dict(old), strict=True)
     assert models.remap_hpsv3_key("module.model.layers.0.mlp.up_proj.weight") == \
         "backbone.language_model.layers.0.mlp.up_proj.weight"
@@ -531,7 +381,7 @@ def test_real_loaders_from_local_folders(critics, tmp_path, monkeypatch):
     assert torch.equal(reward.hpsv3_score(small, images, ["a", "b"]), reward.hpsv3_score(critics, images, ["a", "b"]))
     lf = reward.lift(small, torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
     assert "colors" in lf.gaussians and lf.depth.shape == (3, 56, 56)  # no GS head: depth unprojection
-    with pytest.raises(ValueError, match="tiny, toy, small or large"):
+    with pytest.raises(ValueError, match="toy, small or large"):
         models.load_reward_models("huge")
 
 
@@ -553,31 +403,33 @@ def test_score_components_and_bad_videos(critics):
     for k in ("S_meta", "S_recon", "S_traj", "R_3D", "R_gen", "total"):
         assert r[k].shape == (2,) and r[k].dtype == torch.float32 and torch.isfinite(r[k][0])
     assert r["bad"].tolist() == [False, True]
-    assert why[0] == "" and 0 < r["R_3D"][0] <= 3
+    assert why[0] == [] and 0 < r["R_3D"][0] <= 3
     assert torch.allclose(r["R_3D"][:1], (r["S_meta"] + r["S_recon"] + r["S_traj"])[:1])
     assert torch.allclose(r["total"][:1], (r["R_3D"] + r["R_gen"])[:1])
     # a video no critic can score is "bad": its terms and total are NaN (the trainer scores it below its group)
-    assert why[1] == "black video" and torch.isnan(r["total"][1])
-    for v, expected in ((videos[2], "constant video"), (nan, "non-finite video (NaN/Inf)"),
-                        (good[:1], "one-frame video")):
+    K = reward.Kind
+    assert why[1] == [reward.Failure(K.BAD_VIDEO, "video", "black")] and torch.isnan(r["total"][1])
+    for v, kind, detail in ((videos[2], K.BAD_VIDEO, "constant"), (nan, K.NOT_FINITE, "NaN/Inf pixels"),
+                            (good[:1], K.BAD_VIDEO, "one frame"), (good[:, :2], K.BAD_VIDEO, "shape (9, 2, 64, 64)")):
         out, reasons = reward.score(critics, [v], ["p"], [path])
-        assert reasons == [expected] and out["bad"].item() and all(
+        assert reasons == [[reward.Failure(kind, "video", detail)]] and out["bad"].item() and all(
             torch.isnan(out[k][0]) for k in ("R_3D", "R_gen", "total"))
     # no camera words: S_traj = 0 (defined) with its reason; a failing critic makes the video bad, its term NaN
     out, why = reward.score(critics, good[None], ["a cat"], [None], w_3d=2.0)
-    assert out["S_traj"][0] == 0 and not out["bad"][0] and "no camera words" in why[0]
+    assert out["S_traj"][0] == 0 and not out["bad"][0] and why[0] == [reward.Failure(K.NO_CAMERA_WORDS, "S_traj")]
     assert torch.allclose(out["total"], 2 * out["R_3D"] + out["R_gen"])
     broken = dataclasses.replace(critics, qwen=None)
     out, why = reward.score(broken, good[None], ["a cat"], [None], w_3d=2.0)
     assert torch.isnan(out["S_meta"][0]) and out["S_recon"][0] > 0 and out["bad"][0]
-    assert "S_meta failed" in why[0]
+    assert [(f.kind, f.what) for f in why[0]] == [(K.CRITIC_FAILED, "S_meta"), (K.NO_CAMERA_WORDS, "S_traj")]
     out, why = reward.score(dataclasses.replace(critics, da3=None, hps=None), good[None], ["a cat"], [path])
-    assert out["bad"][0] and "lift failed" in why[0] and "HPSv3 failed" in why[0]
+    assert out["bad"][0] and [(f.kind, f.what) for f in why[0]] == [(K.CRITIC_FAILED, "lift"),
+                                                                     (K.CRITIC_FAILED, "HPSv3")]
     with pytest.raises(ValueError, match="one each"):
         reward.score(critics, good[None], ["a", "b"], [None])
     # dynamic phase: R_gen only, no 3D critic runs
     out, why = reward.score(dataclasses.replace(critics, da3=None), good[None], ["a cat"], [path], dynamic=True)
-    assert why == [""] and out["R_3D"][0] == 0 and out["total"][0] == out["R_gen"][0] != 0
+    assert why == [[]] and out["R_3D"][0] == 0 and out["total"][0] == out["R_gen"][0] != 0
 
 
 @pytest.mark.full
@@ -593,9 +445,10 @@ def test_score_reuses_a_given_lift(critics, monkeypatch):
         assert torch.allclose(fresh[k], reused[k]), k
 
 
-def test_toy_reward():
+def test_latent_reward():
     """Mean of latent channel 0, per video: (B, 16, T, h, w) -> (B,)."""
     latents = torch.randn(3, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = [latents[b, 0].sum().item() / 32 for b in range(3)]
-    assert torch.allclose(reward.toy_reward(latents), torch.tensor(expected, dtype=torch.float32))
-    assert reward.toy_reward(latents + torch.eye(16)[0].view(1, 16, 1, 1, 1)).sub(1).allclose(reward.toy_reward(latents))
+    assert torch.allclose(standins.latent_reward(latents), torch.tensor(expected, dtype=torch.float32))
+    shifted = latents + torch.eye(16)[0].view(1, 16, 1, 1, 1)
+    assert standins.latent_reward(shifted).sub(1).allclose(standins.latent_reward(latents))

@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import models
+import standins
 from trainrun import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--size=tiny", "--reward=toy", "--eval_every=0"]
+FAST = ["--size=tiny", "--reward=latent", "--eval_every=0"]
 
 
 def strict_records(out_dir):
@@ -30,7 +31,8 @@ def strict_records(out_dir):
 
 def in_process(monkeypatch, args):
     """train.py in this process with the model loader forbidden: what it refuses, it refuses before loading."""
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a refusal"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite a refusal"))
     monkeypatch.setattr(sys, "argv", ["train.py"] + args)
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:
@@ -155,13 +157,13 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(one_step_run
 # -----------------------------------------------------------------------------
 # Non-finite values are loud and never persisted
 
-NAN_REWARD = ("import reward, torch\n"
-              "real = reward.toy_reward\n"
+NAN_REWARD = ("import standins\n"
+              "real = standins.latent_reward\n"
               "def toy(latents):\n"
               "    r = real(latents)\n"
               "    r[1] = float('nan')\n"
               "    return r\n"
-              "reward.toy_reward = toy\n")
+              "standins.latent_reward = toy\n")
 NAN_WEIGHTS = ("import torch\n"
                "real = torch.optim.AdamW.step\n"
                "def step(self, *a, **k):\n"
@@ -177,10 +179,10 @@ NAN_WEIGHTS = ("import torch\n"
 def test_a_nan_reward_does_not_zero_its_group_and_metrics_stay_strict_json(tmp_path):
     out = tmp_path / "run"
     proc = run(FAST + ["--max_steps=2", "--save_every=100"], out, wrapper=NAN_REWARD)
-    assert "toy reward not finite" in proc.stdout
+    assert "latent reward not_finite" in proc.stdout
     recs = strict_records(out)
     assert all(r["adv_abs"] > 0 and r["bad_videos"] == 2 for r in recs)  # one per group, its group still trains
-    assert all(r["reasons"] == {"toy reward not finite": 2} for r in recs)
+    assert all(r["reasons"] == {"latent reward not_finite": 2} for r in recs)
 
 
 @pytest.mark.full

@@ -12,15 +12,16 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 import models
 import sample
+import standins
 
 CPU = torch.device("cpu")
 PROMPT = "A red house near a river, tall trees behind it."
-KW = dict(frames=9, height=64, width=64, steps=4, text_len=32)
+KW = dict(frames=9, height=64, width=64, sample_steps=4, text_len=32)
 
 
 @pytest.fixture(scope="module")
 def wan():
-    return models.load_wan(None, CPU)
+    return standins.tiny_wan(CPU)
 
 
 def _pipe(wan, scheduler):
@@ -83,7 +84,7 @@ def test_decode_matches_wan_pipeline(wan):
 
 @pytest.mark.full
 def test_tiny_vae_brightness_follows_latent_channel_0(wan):
-    """What the world-reward learning test (tests/test_train.py) relies on, from models.show_latent_brightness: the
+    """What the world-reward learning test (tests/test_train.py) relies on, from standins.rewire_tiny_vae: the
     tiny VAE's mean colour rises with latent channel 0, at every step of a -2..2 sweep, and each frame keeps a
     spatial pattern. Without that path the sweep moves the colour by under 0.01 in all."""
     z = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -107,7 +108,7 @@ def test_same_seed_same_video_different_seed_differs(wan):
 
 @pytest.mark.full
 def test_save_load_roundtrip(wan, tmp_path):
-    models.save_pretrained(wan, tmp_path / "tiny")
+    standins.save_pretrained(wan, tmp_path / "tiny")
     assert (tmp_path / "tiny" / "model_index.json").exists()
     loaded = models.load_wan(str(tmp_path / "tiny"), CPU)
     assert torch.equal(sample.generate(wan, PROMPT, 7, **KW), sample.generate(loaded, PROMPT, 7, **KW))
@@ -115,7 +116,7 @@ def test_save_load_roundtrip(wan, tmp_path):
 
 def test_cli_writes_mp4(tmp_path):
     out = tmp_path / "new_folder" / "v.mp4"  # the folder is created
-    sample.main(["--prompt", "Camera orbit left. " + PROMPT, "--out", str(out), "--steps", "3"])
+    sample.main(["--prompt", "Camera orbit left. " + PROMPT, "--out", str(out), "--sample_steps", "3"])
     frames = imageio.mimread(out)
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
 
@@ -124,7 +125,7 @@ def test_cli_writes_mp4(tmp_path):
 def test_cli_prompt_file_writes_one_video_per_line(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("Camera push in. A cup on a table.\n\nA dog in a field.\n")
-    sample.main(["--prompts", str(f), "--out", str(tmp_path / "vids"), "--steps", "2", "--sampler", "euler"])
+    sample.main(["--prompts", str(f), "--out", str(tmp_path / "vids"), "--sample_steps", "2", "--sampler", "euler"])
     assert sorted(os.listdir(tmp_path / "vids")) == ["0000.mp4", "0001.mp4"]
 
 
@@ -136,11 +137,12 @@ def test_cli_prompt_file_writes_one_video_per_line(tmp_path):
     (["--size", "huge"], "invalid choice: 'huge'"),  # argparse's message, in one line
     (["--out", os.path.join(os.path.abspath(__file__), "x.mp4")], "cannot create the folder"),  # under a file
     (["--out", "video.gif"], ".mp4"),
-    (["--steps", "0"], "--steps=0 must be a positive number"),
+    (["--sample_steps", "0"], "--sample_steps=0 must be a positive number"),
     (["--model", "./no_such_folder"], "diffusers folder"),
 ])
 def test_bad_input_stops_before_loading(monkeypatch, argv, message):
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite bad input"))
     if "--prompt" not in argv:
         argv = ["--prompt", PROMPT] + argv
     with pytest.raises(SystemExit) as e:
@@ -149,7 +151,8 @@ def test_bad_input_stops_before_loading(monkeypatch, argv, message):
 
 
 def test_bad_prompt_files(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite bad input"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(SystemExit, match="has no lines"):
@@ -176,7 +179,7 @@ def test_stepwise_injection_survives_unipc_as_it_does_euler():
     each step's result from the sample before it, which undid the injection (0.55% of Euler's effect); with the
     corrector off after injected steps its effect on the final latent is the same order as Euler's. Also: the default
     strength (warp_strength=None) works."""
-    wan = models.build_tiny(0)
+    wan = standins.build_tiny(0)
     shape = (16, 3, 8, 8)
     base, inject, motions = sample.camera_noise("Camera pan left. a harbour", shape, torch.Generator().manual_seed(0),
                                                 "stepwise", None)

@@ -20,10 +20,10 @@ from trainrun import ROOT, records, run
 SLOW = 20  # seconds rank 0 spends in its renderer check, as a first-run gsplat build would (minutes, really)
 SHORT = 0.15  # minutes (9 s): shorter than rank 0's build, longer than any skew between the ranks before it
 
-# Patches reward.check_renderer on every rank: log its start and end to LOG, and make rank 0 slow.
+# Patches splat.check_renderer on every rank: log its start and end to LOG, and make rank 0 slow.
 SLOW_BUILD = """
-import os, time, reward
-real = reward.check_renderer
+import os, time, splat
+real = splat.check_renderer
 def check(*a, **k):
     rank = os.environ["RANK"]
     with open(LOG, "a") as f:
@@ -34,7 +34,7 @@ def check(*a, **k):
     with open(LOG, "a") as f:
         f.write(f"end {rank}\\n")
     return out
-reward.check_renderer = check
+splat.check_renderer = check
 """
 
 

@@ -4,7 +4,6 @@ captions, corruptions and their labels, the held-out prompt split, a miniature b
     python -m pytest -q tests/test_toyworld.py
 """
 import json
-import math
 import os
 import subprocess
 import sys

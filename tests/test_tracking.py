@@ -22,6 +22,7 @@ import torch
 import models
 import reward
 import sample
+import standins
 import tracking
 from trainrun import records, run
 
@@ -40,7 +41,7 @@ def test_pick_shows_the_best_and_the_worst_videos():
 
 @pytest.fixture(scope="module")
 def critics():
-    return models.load_reward_models("tiny")
+    return standins.tiny_reward_models()
 
 
 @pytest.mark.full
@@ -56,7 +57,7 @@ def test_score_keeps_the_render_s_meta_graded_and_the_estimated_cameras(critics)
     kept = seen[0]
     assert kept["meta_view"].shape == (3, 56, 56) and kept["c2w"].shape == (9, 4, 4) and kept["scene_depth"] > 0
     assert reward.qwen_grade(critics, kept["meta_view"], PROMPT) == pytest.approx(scores["S_meta"][0].item(), abs=1e-6)
-    assert seen[1] == {} and reasons[1] == "black video"
+    assert seen[1] == {} and reasons[1] == [reward.Failure(reward.Kind.BAD_VIDEO, "video", "black")]
 
 
 def test_rollout_media_files_and_rewards_json(tmp_path):
@@ -66,7 +67,8 @@ def test_rollout_media_files_and_rewards_json(tmp_path):
     c2w = torch.eye(4).repeat(9, 1, 1)
     c2w[:, 0, 3] = torch.linspace(0, 1, 9)
     seen = [{"meta_view": torch.rand(3, 28, 28), "c2w": c2w, "scene_depth": 2.0}, {}, {}]
-    files = tracking.rollout_media(str(tmp_path), videos, PROMPT, rewards, parts, ["", "black video", ""], seen,
+    files = tracking.rollout_media(str(tmp_path), videos, PROMPT, rewards, parts, [[], [reward.Failure(reward.Kind.BAD_VIDEO, "video", "black")], []],
+                                   seen,
                                    c2w.double() * 500, 1000.0, sample.save_video)
     assert [(k, os.path.basename(p)) for k, p, _ in files] == [
         ("rollout/video", "rollout_2.mp4"), ("rollout/video", "rollout_0.mp4"),
@@ -75,7 +77,7 @@ def test_rollout_media_files_and_rewards_json(tmp_path):
     assert all(os.path.getsize(p) > 0 for _, p, _ in files)
     table = json.loads((tmp_path / "rewards.json").read_text())
     assert table["prompt"] == PROMPT and [v["index"] for v in table["videos"]] == [2, 0, 1]
-    assert table["videos"][2] == {"index": 1, "reason": "black video", "reward": None, "S_meta": None, "R_gen": None}
+    assert table["videos"][2] == {"index": 1, "reason": "video bad_video (black)", "reward": None, "S_meta": None, "R_gen": None}
 
 
 # -----------------------------------------------------------------------------
@@ -87,7 +89,8 @@ def test_a_tracker_package_that_is_missing_or_a_tracker_that_cannot_start_is_one
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "tensorboard")
                         else find_spec(name, *a))
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a bad config"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite a bad config"))
     monkeypatch.setattr(sys, "argv", ["train.py", "--report_to=tensorboard", f"--out_dir={tmp_path / 'o'}"])
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:
@@ -210,7 +213,7 @@ def test_wandb_offline_run_holds_scalars_and_media_and_resume_continues_it(tmp_p
 # Progress bars
 
 def test_denoise_bar_shows_only_once_sampling_is_slow(capsys):
-    wan = models.build_tiny(0)
+    wan = standins.build_tiny(0)
     x = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = torch.zeros(1, 8, 32)
     sigmas = sample.flow_sigmas(3, 3.0)

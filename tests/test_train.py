@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 import models
+import standins
 from trainrun import records, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = ["--reward=toy", "--eval_every=0", "--save_every=100"]  # fast runs that test the RL machinery, not rewards
+LATENT = ["--reward=latent", "--eval_every=0", "--save_every=100"]  # fast runs that test the RL machinery, not rewards
 TIMING = ("t_rollout", "t_reward", "t_train")
 
 
@@ -41,8 +42,8 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
 
     # the exported EMA LoRA loads into the tiny pipeline through diffusers and sample.py --lora and changes output
     import sample
-    wan = models.build_tiny(0)
-    kw = dict(frames=9, height=64, width=64, steps=4, text_len=16, sampler="euler", warp_mode="none")
+    wan = standins.build_tiny(0)
+    kw = dict(frames=9, height=64, width=64, sample_steps=4, text_len=16, sampler="euler", warp_mode="none")
     base = sample.generate(wan, "a red car", 0, **kw)
     wan.transformer.load_lora_adapter(str(ckpt / "lora"), prefix="transformer", weight_name=sample.LORA_FILE)
     lora = sample.generate(wan, "a red car", 0, **kw)
@@ -52,11 +53,11 @@ def test_tiny_default_run_writes_checkpoints_metrics_eval_and_a_loadable_lora(tm
 
 
 @pytest.mark.full
-def test_learning_with_toy_reward_and_zero_advantage_control(tmp_path):
-    """30 steps on the toy reward (mean of latent channel 0) raise it; forcing advantages to 0 leaves it flat.
+def test_learning_with_latent_reward_and_zero_advantage_control(tmp_path):
+    """30 steps on the latent reward (mean of latent channel 0) raise it; forcing advantages to 0 leaves it flat.
     Also the on-policy check: update 0 of every epoch has ratio 1 (clip fraction 0), update 1 does not."""
-    run(["--size=tiny", "--max_steps=30", "--seed=1"] + TOY, tmp_path / "learn")
-    run(["--size=tiny", "--max_steps=30", "--seed=1", "--zero_advantages"] + TOY, tmp_path / "control")
+    run(["--size=tiny", "--max_steps=30", "--seed=1"] + LATENT, tmp_path / "learn")
+    run(["--size=tiny", "--max_steps=30", "--seed=1", "--zero_advantages"] + LATENT, tmp_path / "control")
     learn = [r["reward"] for r in records(tmp_path / "learn")]
     control = [r["reward"] for r in records(tmp_path / "control")]
     first, last = sum(learn[:5]) / 5, sum(learn[-5:]) / 5
@@ -109,7 +110,7 @@ def test_dynamic_phase_every_third_step_scores_r_gen_only(tmp_path):
 
 @pytest.mark.full
 def test_resume_is_bitwise_and_a_crash_while_saving_keeps_the_last_checkpoint(tmp_path):
-    args = ["--size=tiny", "--max_steps=5", "--save_every=1", "--reward=toy", "--eval_every=0"]
+    args = ["--size=tiny", "--max_steps=5", "--save_every=1", "--reward=latent", "--eval_every=0"]
     run(args, tmp_path / "full")
 
     # stopped after step 2 (the step-3 checkpoint write dies half-way), then resumed to step 4
@@ -147,9 +148,9 @@ def test_resume_is_bitwise_and_a_crash_while_saving_keeps_the_last_checkpoint(tm
 @pytest.mark.full
 def test_full_finetune_trains_every_weight_against_a_frozen_copy(tmp_path):
     out = tmp_path / "full"
-    run(["--size=tiny", "--max_steps=1", "--full_finetune", "--lr=1e-4"] + TOY, out)
+    run(["--size=tiny", "--max_steps=1", "--full_finetune", "--lr=1e-4"] + LATENT, out)
     saved = load_file(out / "ckpt_000000" / "trainable.safetensors")
-    assert saved.keys() == dict(models.build_tiny(0).transformer.named_parameters()).keys()
+    assert saved.keys() == dict(standins.build_tiny(0).transformer.named_parameters()).keys()
     assert not (out / "ckpt_000000" / "lora").exists()
     assert records(out)[0]["kl"] > 0  # the second update moved away from the frozen reference
 
@@ -172,7 +173,7 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     """Two gloo ranks: DDP keeps parameters identical on both after every step (each rank's weights, saved at every
     step, are bitwise equal); FSDP2 runs, saves with torch.distributed.checkpoint and resumes from it."""
     out = tmp_path / "run"
-    reward = ["--reward=toy"] if extra else []  # DDP: the acceptance command itself (world reward); FSDP2: toy
+    reward = ["--reward=latent"] if extra else []  # DDP: the acceptance command itself (world reward); FSDP2: toy
     run(["--size=tiny", "--max_steps=2", "--eval_every=0"] + reward + extra, out, nproc=2,
         wrapper=None if extra else EVERY_RANK_SAVES)
     recs = records(out)
@@ -180,7 +181,7 @@ def test_torchrun_two_cpu_processes(tmp_path, extra):
     assert len(recs[0]["prompts"]) == 4 and len(set(recs[0]["prompts"])) == 4  # 2 ranks x 2 prompts, all distinct
     if extra:
         assert os.path.isdir(out / "ckpt_000001" / "dcp")
-        run(["--size=tiny", "--max_steps=3", "--reward=toy", "--eval_every=0", "--resume"] + extra, out, nproc=2)
+        run(["--size=tiny", "--max_steps=3", "--reward=latent", "--eval_every=0", "--resume"] + extra, out, nproc=2)
         assert [r["step"] for r in records(out)] == [0, 1, 2]
     else:
         for step in (0, 1):  # tiny saves every step
@@ -207,7 +208,8 @@ def test_bad_config_stops_before_loading_models(tmp_path, monkeypatch, capsys, a
     args = [a.replace("PROMPTS3", str(three)) for a in args]
     if not any(a.startswith("--out_dir=") for a in args):
         args.append(f"--out_dir={tmp_path / 'out'}")
-    monkeypatch.setattr(models, "load_wan", lambda *a, **k: pytest.fail("model loaded despite a bad config"))
+    for module, name in ((models, "load_wan"), (standins, "tiny_wan")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("model loaded despite a bad config"))
     monkeypatch.setattr(sys, "argv", ["train.py", "--size=tiny"] + args)
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:

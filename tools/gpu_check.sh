@@ -11,7 +11,7 @@
 #                        only (TORCH_CUDA_ARCH_LIST); never under a limit of its own: gsplat deletes a build folder
 #                        that holds no finished library, so a build stopped half-way starts over. Seconds once built.
 #   cuda_tests     120s  the CUDA-only tests: gsplat against the torch rasterizer on degree-2 SH, the warp on CUDA
-#   renderer        60s  reward.check_renderer, every run's start-up check (> 40 dB against the torch path)
+#   renderer        60s  splat.check_renderer, every run's start-up check (> 40 dB against the torch path)
 #   rl_step        270s  one RL step of train.py: Wan2.1-1.3B shapes at 832x480x81 in bf16, a group of 2, every
 #                        reward model, a checkpoint
 #   bench          150s  bench.py: encode, CFG step, VAE decode, warp, rollout (a group of 2, scaled to 8), train
@@ -56,7 +56,7 @@ if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else
     MODE=cpu-dry-run
     CUT=(--depth=1 --frames=9 --height=64 --width=112 --lift_res=84 --text_len=64)
-    STEPS=(--steps=4)
+    STEPS=(--rollout_steps=4)
     SCALE=5  # a dry run proves the commands, not their time: a shared 2-core CPU is far slower than the GPU
 fi
 REAL=(--size=small --random_weights --dtype=bf16 "${CUT[@]}")
@@ -121,20 +121,20 @@ if torch.cuda.is_available():
     earlier = json.load(open(path)) if cached and os.path.exists(path) else {}  # the call that compiled it
     info["compile_seconds"] = earlier.get("compile_seconds") if cached else info["seconds"]
 else:  # a CPU has nothing to compile (importing gsplat's backend would start a build that cannot finish)
-    import gsplat.cuda._torch_impl  # what the CPU renderer uses
+    import splat  # the CPU renderer: our own torch code, nothing to build
     info.update(seconds=0.0, built=False, note="no CUDA device: nothing to build (dry run)")
 print(json.dumps(info, indent=1))
 json.dump(info, open(path, "w"), indent=1)
 sys.exit(0 if info["built"] or not torch.cuda.is_available() else "error: gsplat found no CUDA toolkit (nvcc)")
 PY
 part cuda_tests 120 python3 -m pytest -q -rs -p no:cacheprovider \
-    tests/test_reward.py::test_gsplat_matches_torch_rasterizer \
-    tests/test_reward.py::test_renderer_check_scene_has_view_dependent_colour \
-    tests/test_reward.py::test_sh_colour_is_seen_from_each_camera_centre \
+    tests/test_splat.py::test_gsplat_matches_torch_rasterizer \
+    tests/test_splat.py::test_renderer_check_scene_has_view_dependent_colour \
+    tests/test_splat.py::test_sh_colour_is_seen_from_each_camera_centre \
     tests/test_noise_warp.py::test_cuda_runs tests/test_real_config.py::test_renderer_check_passes_on_cpu
 part renderer 60 python3 -c "
-import common, torch, reward
-print(reward.check_renderer(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))"
+import common, torch, splat
+print(splat.check_renderer(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))"
 selected rl_step && rm -rf "$WORK/run"  # a fresh run folder each time (a checkpoint is ~0.5 GB)
 part rl_step 270 python3 train.py "${REAL[@]}" "${STEPS[@]}" --group_size=2 --prompts_per_rank=1 --max_steps=1 \
     --eval_every=0 --dynamic_every=0 --train_prompts="$WORK/prompts.txt" --save_every=1 --out_dir="$WORK/run"

@@ -13,6 +13,7 @@ import sys
 TIMING = ("t_rollout", "t_reward", "t_train")  # wall-clock seconds: never equal twice
 PATHS = ("ckpt", "lora_dir")  # where the checkpoint was: differs with the run folder
 REMOVED = ("reward_size",)  # config keys of removed flags (--reward_size restated --size): an older run has them
+RENAMED = {"steps": "sample_steps"}  # evaluate.py's --steps is --sample_steps now: an older run has the old name
 USAGE = "usage: python tools/same_numbers.py RUN_A RUN_B EVAL_A EVAL_B"
 
 
@@ -33,13 +34,14 @@ def metrics_differences(run_a, run_b):
     return out
 
 
-def results_differences(eval_a, eval_b, removed=()):
-    """results.json compared whole, but the config block's paths; `removed`: config keys one side may lack."""
+def results_differences(eval_a, eval_b, removed=(), renamed=None):
+    """results.json compared whole, but the config block's paths; `removed`: config keys one side may lack;
+    `renamed`: {old: new} config keys, compared under their new names."""
     with open(os.path.join(eval_a, "results.json")) as f:
         a = json.load(f)
     with open(os.path.join(eval_b, "results.json")) as f:
         b = json.load(f)
-    ca, cb = a.pop("config"), b.pop("config")
+    ca, cb = ({(renamed or {}).get(k, k): v for k, v in c.items()} for c in (a.pop("config"), b.pop("config")))
     out = [f"results.json config: {k} {ca.get(k, '<missing>')!r} vs {cb.get(k, '<missing>')!r}"
            for k in sorted(set(ca) | set(cb)) if k not in PATHS and k not in removed and ca.get(k) != cb.get(k)]
     if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
@@ -53,6 +55,6 @@ if __name__ == "__main__":
     if len(sys.argv) != 5:
         raise SystemExit(USAGE)
     run_a, run_b, eval_a, eval_b = sys.argv[1:]
-    diffs = metrics_differences(run_a, run_b) + results_differences(eval_a, eval_b, removed=REMOVED)
+    diffs = metrics_differences(run_a, run_b) + results_differences(eval_a, eval_b, removed=REMOVED, renamed=RENAMED)
     print("\n".join(diffs) if diffs else "same numbers: metrics.jsonl (timings aside) and results.json (paths aside)")
     sys.exit(1 if diffs else 0)
