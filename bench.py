@@ -180,12 +180,8 @@ def main(argv):
             return
     shape = sample.latent_shape(frames, height, width)
     dtype = models.resolve_dtype(args.dtype, device)
-    if args.random_weights:
-        wan = standins.random_wan(args.size, device, dtype, depth=args.depth)
-    elif preset["model"] is None:  # tiny
-        wan = standins.tiny_wan(device, dtype)
-    else:
-        wan = models.load_wan(preset["model"], device, dtype)
+    wan = standins.wan_for_run(args.size, preset["model"], device, dtype, random_weights=args.random_weights,
+                               depth=args.depth)
     wan.text_encoder.to(device)
     wan.vae.to(device)
     transformer = wan.transformer
@@ -319,12 +315,9 @@ def main(argv):
     if "reward" in stages:
         with stage("reward"):
             lift_res = args.lift_res or preset["lift_res"]
-            if args.random_weights:
-                critics = standins.random_reward_models(device, dtype, depth=args.depth, process_res=lift_res)
-            elif args.size == "tiny":
-                critics = standins.tiny_reward_models(device, process_res=lift_res)
-            else:
-                critics = models.load_reward_models(args.size, device, process_res=lift_res)
+            critics = standins.critics_for_run(args.size, device, dtype if args.random_weights else None,
+                                               random_weights=args.random_weights, depth=args.depth,
+                                               process_res=lift_res)
             print(splat.check_renderer(device), flush=True)  # builds gsplat outside the timing, as train.py does
             video = torch.rand(args.group_size if args.size == "tiny" else 1, frames, 3, height, width, device=device)
             path = noise_warp.camera_path(noise_warp.parse_camera(prompt), frames)

@@ -653,7 +653,7 @@ def main(argv=None):
     for line in sample.camera_warnings(prompts, args.warp_mode):
         sample.warn(line)
     dtype = models.resolve_dtype(args.dtype, device)
-    wan = standins.tiny_wan(device, dtype) if args.model is None else models.load_wan(args.model, device, dtype)
+    wan = standins.wan_for_run(args.size, args.model, device, dtype)
     if args.lora_dir:  # loaded (and proven to fit) before any sampling; off for the base model's pass
         sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
         wan.transformer.disable_lora()
@@ -661,8 +661,7 @@ def main(argv=None):
         sample.warn(line)
     # Both models see the same prompts: encode this rank's once, then free the text encoder
     embeddings = sample.encode_once(wan, [prompts[i] for i in mine] + [args.negative_prompt], args.text_len)
-    critics = (standins.tiny_reward_models(device, dtype) if args.size == "tiny"
-               else models.load_reward_models(args.size, device, dtype))
+    critics = standins.critics_for_run(args.size, device, dtype)
     splat.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
     dino = (standins.build_tiny_dino().requires_grad_(False).to(device) if args.dino is None
             else models.load_dino(args.dino, device))

@@ -538,7 +538,7 @@ def main(argv=None):
 
     _, _, _, device = common.setup_dist()
     t0 = time.time()
-    wan = standins.tiny_wan(device) if args.model is None else models.load_wan(args.model, device)
+    wan = standins.wan_for_run(args.size, args.model, device)
     if args.lora is not None:
         load_lora(wan.transformer, args.lora)
     if line := length_warning(wan.tokenizer, prompts, args.text_len):
@@ -549,8 +549,7 @@ def main(argv=None):
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         video = generate(wan, prompt, args.seed + i, frames=args.frames, height=args.height, width=args.width,
                          sample_steps=args.sample_steps, guidance=args.guidance, sampler=args.sampler,
-                         text_len=args.text_len,
-                         negative_prompt=args.negative_prompt, warp_mode=args.warp_mode,
+                         text_len=args.text_len, negative_prompt=args.negative_prompt, warp_mode=args.warp_mode,
                          warp_strength=args.warp_strength, warp_scale=args.warp_scale,
                          degradation=args.degradation, progress=True)
         try:

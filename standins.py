@@ -381,6 +381,34 @@ def random_reward_models(device, dtype=torch.bfloat16, depth=None, process_res=m
 
 
 # -----------------------------------------------------------------------------
+# The networks a run gets: stand-ins where its size or flags ask for them, models.py's loaders otherwise
+
+def wan_for_run(size, model, device, dtype=None, *, random_weights=False, depth=None):
+    """The Wan2.1 of train.py, evaluate.py, sample.py and bench.py: the size's real architecture with random weights
+    (random_weights, cut to `depth` blocks), tiny's stand-ins (model None), else models.load_wan(model). dtype: the
+    networks' weights (default: models.resolve_dtype)."""
+    dtype = dtype or models.resolve_dtype(None, device)
+    if random_weights:
+        return random_wan(size, device, dtype, depth=depth)
+    if model is None:
+        return tiny_wan(device, dtype)
+    return models.load_wan(model, device, dtype)
+
+
+def critics_for_run(size, device, dtype=None, *, random_weights=False, depth=None, process_res=None):
+    """The reward models of those scripts: the real architectures with random weights (random_weights), tiny's
+    stand-ins (size tiny), else models.load_reward_models(size). process_res: DA3's input side (default: the size's
+    lift_res)."""
+    process_res = process_res or models.SIZES[size]["lift_res"]
+    if random_weights:
+        return random_reward_models(device, dtype or models.resolve_dtype(None, device), depth=depth,
+                                    process_res=process_res)
+    if size == "tiny":
+        return tiny_reward_models(device, dtype, process_res=process_res)
+    return models.load_reward_models(size, device, dtype, process_res=process_res)
+
+
+# -----------------------------------------------------------------------------
 # A stand-in reward (train.py --reward=latent)
 
 def latent_reward(latents):

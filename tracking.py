@@ -195,7 +195,8 @@ def rollout_media(folder, videos, prompt, rewards, parts, reasons, seen, req_pat
     """Write one group's media into `folder` (created) and return them for Tracker.media. videos (G, F, 3, H, W);
     rewards (G,) with NaN where bad; parts {name: (G,)} reward components; reasons: per video a list of
     reward.Failure; seen: per video what reward.score kept ({"meta_view": (3, h, w), "c2w": (F, 4, 4),
-    "scene_depth": float}, or empty where it did not get that far; [] for the latent reward); req_path (F, 4, 4) or None; save_video(path, video) writes an mp4.
+    "scene_depth": float}, or empty where it did not get that far; [] for the latent reward); req_path (F, 4, 4) or
+    None; save_video(path, video) writes an mp4.
     Files: rollout_<i>.mp4, rollout_<i>_meta_view.png, rollout_<i>_camera.png (i: the video's index in its group)
     and rewards.json (the prompt; every reward component of every video shown, and why a bad one is bad). Each file
     is whole or absent (common.write_atomic; the mp4 through save_video's frame count); a full disk raises OSError."""

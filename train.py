@@ -84,12 +84,7 @@ provenance = checkpoint.provenance()  # state.json: the code's git commit and th
 # Models: Wan (frozen) + LoRA (trained), the reward models, optimizer, EMA
 
 torch.manual_seed(args.seed)
-if args.random_weights:  # the size's real architectures, random weights
-    wan = standins.random_wan(args.size, device, dtype, depth=args.depth)
-elif args.model is None:  # tiny: stand-ins built in code
-    wan = standins.tiny_wan(device, dtype)
-else:
-    wan = models.load_wan(args.model, device, dtype)
+wan = standins.wan_for_run(args.size, args.model, device, dtype, random_weights=args.random_weights, depth=args.depth)
 policy = wan.transformer  # the unwrapped module; `model` below may wrap it in DDP
 if args.full_finetune:
     ref_model = copy.deepcopy(policy).requires_grad_(False)  # the KL reference: the pre-trained weights, as loaded
@@ -123,7 +118,8 @@ print0(f"trainable parameters: {sum(prm.numel() for prm in trainable.values()) *
 # lora/sampling.json of every checkpoint: how the LoRA was trained to sample, for sample.py and evaluate.py --lora
 sampling = {k: getattr(args, k) for k in sample.SAMPLING}
 
-# Prompt embeddings: each prompt the run can draw is encoded once, here, and kept on the host; then UMT5 leaves
+# Prompt embeddings: each prompt the run can draw is encoded once, here, and kept on the host; then UMT5 leaves the
+# device (sample.encode_once)
 all_prompts = train_prompts + dynamic_prompts + test_prompts
 if line := sample.length_warning(wan.tokenizer, all_prompts, args.text_len):
     sample.warn(line)
@@ -140,12 +136,8 @@ def embed(prompts):
 uncond = embed([args.negative_prompt])  # (1, L, D), the same every step
 
 if args.reward == "world":
-    if args.random_weights:
-        critics = standins.random_reward_models(device, dtype, depth=args.depth, process_res=args.lift_res)
-    elif args.size == "tiny":
-        critics = standins.tiny_reward_models(device, dtype, process_res=args.lift_res)
-    else:
-        critics = models.load_reward_models(args.size, device, dtype, process_res=args.lift_res)
+    critics = standins.critics_for_run(args.size, device, dtype, random_weights=args.random_weights, depth=args.depth,
+                                       process_res=args.lift_res)
     splat.check_renderer_on_every_rank(device, args.renderer, rank, local_rank)
 sigmas = sample.flow_sigmas(args.rollout_steps, wan.scheduler.config.flow_shift)  # the rollouts' (Euler + SDE window)
 eval_sigmas = sample.flow_sigmas(args.sample_steps, wan.scheduler.config.flow_shift)  # the eval's (UniPC)
@@ -328,7 +320,8 @@ for step in bar:
     failing = [what for what, n in crashed.items() if n == len(reasons) > 1]
     if failing and not error:
         example = next(f for f in failures if f.kind is reward.Kind.CRITIC_FAILED)
-        error = f"{', '.join(w + ' failed' for w in failing)} on every video of step {step} (e.g. {str(example)[:300]})"
+        error = (f"{', '.join(w + ' failed' for w in failing)} on every video of step {step} "
+                 f"(e.g. {str(example)[:300]})")
     common.stop_together(error and error + f"; stopping. The last checkpoint in {args.out_dir} is intact")
     rewards, bad = torch.cat(totals).to(device), torch.cat(bads).to(device)
     unusable = bool(bad.all()) or any(f.kind is reward.Kind.NOT_FINITE for f in failures)  # toward --max_bad_steps

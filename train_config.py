@@ -193,8 +193,8 @@ def parse(argv):
                                                             "or --size=large (tiny is random already)"),
         (not (args.resume and args.overwrite), "--resume continues the run in --out_dir, --overwrite replaces it: "
                                                "pick one"),
-        (args.reward == "latent" or args.frames >= reward.MIN_FRAMES, f"--frames={args.frames}: the world reward "
-                                                                   f"needs at least {reward.MIN_FRAMES} frames"),
+        (args.reward == "latent" or args.frames >= reward.MIN_FRAMES,
+         f"--frames={args.frames}: the world reward needs at least {reward.MIN_FRAMES} frames"),
         (args.prompts_per_rank * args.group_size * args.sde_window >= args.updates_per_epoch,
          f"{args.prompts_per_rank * args.group_size * args.sde_window} transitions per rank cannot feed "
          f"{args.updates_per_epoch} updates; raise --group_size/--prompts_per_rank or lower --updates_per_epoch"),

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import common
 import grpo
 import sample
 import standins
@@ -202,3 +203,31 @@ def test_recomputed_log_probs_match_the_rollout(tiny):
                                           5.0, noise_level=0.7, sigma_max=float(sigmas[1]))
         ratio = torch.exp(logp - old_logp)
         torch.testing.assert_close(ratio, torch.ones(G), rtol=0, atol=1e-5)
+
+
+def test_ema_update_is_the_warming_up_average_in_float64():
+    """grpo.ema_update against the recurrence written out in float64: e_n = d_n e_{n-1} + (1 - d_n) θ_n with
+    d_n = min(decay, (1 + n) / (10 + n)); its first step keeps 2/11 of the start, a late one `decay`."""
+    gen = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(3, 4, generator=gen) for _ in range(30)]
+    ema = {"w": torch.zeros(3, 4)}
+    ref = torch.zeros(3, 4, dtype=torch.float64)
+    for n, theta in enumerate(thetas, 1):
+        grpo.ema_update(ema, {"w": theta}, n, 0.9)
+        d = min(0.9, (1 + n) / (10 + n))
+        ref = d * ref + (1 - d) * theta.double()
+    assert torch.allclose(ema["w"].double(), ref, atol=1e-6)
+    first = {"w": torch.zeros(2)}
+    grpo.ema_update(first, {"w": torch.ones(2)}, 1, 0.9)
+    assert torch.allclose(first["w"], torch.full((2,), 9 / 11))
+
+
+def test_swapped_puts_the_values_in_and_the_originals_back_even_on_an_error():
+    p = torch.nn.Parameter(torch.arange(4.0))
+    with common.swapped({"p": p}, {"p": torch.full((4,), 7.0)}):
+        assert torch.equal(p.detach(), torch.full((4,), 7.0))
+    assert torch.equal(p.detach(), torch.arange(4.0))
+    with pytest.raises(RuntimeError, match="inside"):
+        with common.swapped({"p": p}, {"p": torch.zeros(4)}):
+            raise RuntimeError("inside")
+    assert torch.equal(p.detach(), torch.arange(4.0))
