@@ -45,16 +45,16 @@ SIZE_ROWS = {
                                                    "config/world_r1.py, wrap_strength)"),
     # the reward (the rest of its settings are the same at every size: reward.SETTINGS)
     "lift_res": ((56, 56, 504, 504), "Depth Anything 3 input size, longest side"),
-    "hps_pixels": ((56 * 56, 56 * 56, 256 * 28 * 28, 256 * 28 * 28),
+    "hps_pixels": ((56 * 56, 112 * 112, 256 * 28 * 28, 256 * 28 * 28),
                    "HPSv3's image size in pixels (MizzenAI/HPSv3 hpsv3/inference.py: 256*28*28)"),
     "w_meta": ((1.0, 0.0, 1.0, 1.0), "weight of S_meta inside R_3D (0: Qwen3-VL is not run; the toy world has no "
                                      "VLM, docs/DESIGN.md)"),
-    "w_gen": ((1.0, 0.0, 1.0, 1.0), "weight of R_gen (0: HPSv3 is not run; the toy world has no preference model)"),
+    "w_gen": ((1.0, 1.0, 1.0, 1.0), "weight of R_gen (0: HPSv3 is not run)"),
     # training (train.py)
     "group_size": ((4, 8, 8, 8), "videos per prompt (G)"),
     "prompts_per_rank": ((2, 2, 1, 1), "groups each rank rolls out per step"),
     "micro_batch": ((8, 16, 1, 1), "transitions per forward/backward"),
-    "lr": ((1e-2, 3e-3, 1e-4, 1e-4), "AdamW learning rate"),
+    "lr": ((1e-2, 3e-4, 1e-4, 1e-4), "AdamW learning rate"),
     "lora_rank": ((8, 16, 32, 32), "LoRA rank (q, k, v, out of every attention)"),
     "lora_alpha": ((16, 32, 64, 64), "LoRA alpha"),
     "fsdp": ((False, False, False, True), "FSDP2 instead of DDP"),
@@ -63,7 +63,8 @@ SIZE_ROWS = {
     "max_steps": ((3, 60, 3000, 3000), "RL steps (one rollout batch each)"),
     "eval_every": ((3, 20, 30, 30), "eval on test prompts every N steps (0: never)"),
     "save_every": ((1, 20, 60, 60), "checkpoint every N steps (and at the end)"),
-    "dynamic_every": ((100, 0, 100, 100), "main steps between dynamic phases (0: never; the toy world has no R_gen)"),
+    "dynamic_every": ((100, 0, 100, 100), "main steps between dynamic phases (0: never; the toy world's scenes are "
+                                          "rigid)"),
     "train_prompts": (("prompts/train.txt", "prompts/toy_train.txt", "prompts/train.txt", "prompts/train.txt"),
                       "3D-aware training prompts"),
     "test_prompts": (("prompts/test.txt", "prompts/toy_test.txt", "prompts/test.txt", "prompts/test.txt"),
@@ -189,7 +190,7 @@ class RewardModels:
     gs_cfg: dict | None
     qwen: nn.Module | None  # None at the toy size (S_meta has weight 0 there)
     qwen_proc: object
-    hps: nn.Module | None  # None at the toy size (R_gen has weight 0 there)
+    hps: nn.Module
     hps_proc: object
     lpips: nn.Module
     device: torch.device
@@ -390,20 +391,22 @@ def load_hpsv3(repo=CRITICS["hps"], backbone=CRITICS["hps_backbone"], device="cp
 
 def load_reward_models(size, device="cpu", dtype=None, da3=CRITICS["da3"], qwen=CRITICS["qwen"],
                        hps=CRITICS["hps"], hps_backbone=CRITICS["hps_backbone"], seed=0, process_res=None):
-    """size="toy": the toy world's trained Depth Anything 3 (`da3` defaults to its committed folder) and LPIPS; no
-    Qwen3-VL or HPSv3 (the toy world weighs S_meta and R_gen 0). small, large: real weights (hub ids or local
-    folders, e.g. from standins.save_reward_models): the VLMs in `dtype` (bf16 on CUDA, fp32 on CPU); DA3 keeps fp32
-    weights and runs under bf16 autocast on CUDA like its own inference (its heads run in fp32 inside), in plain
-    fp32 on CPU; LPIPS is fp32. process_res: DA3's input size (default: the size's lift_res). tiny's critics are
-    stand-ins built in code (standins.tiny_reward_models)."""
+    """size="toy": the toy world's trained Depth Anything 3 and HPSv3 (`da3`, `hps`, `hps_backbone` default to the
+    committed folders) and LPIPS; no Qwen3-VL (the toy world weighs S_meta 0, docs/DESIGN.md). small, large: real
+    weights (hub ids or local folders, e.g. from standins.save_reward_models): the VLMs in `dtype` (bf16 on CUDA,
+    fp32 on CPU); DA3 keeps fp32 weights and runs under bf16 autocast on CUDA like its own inference (its heads run
+    in fp32 inside), in plain fp32 on CPU; LPIPS is fp32. process_res: DA3's input size (default: the size's
+    lift_res). tiny's critics are stand-ins built in code (standins.tiny_reward_models)."""
     if size not in SIZES or size == "tiny":
         raise ValueError(f"reward size {size!r}: choose toy, small or large (tiny: standins.tiny_reward_models)")
     import lpips
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if size == "toy":
-        da3_net, gs_cfg = load_da3(os.path.join(TOY, "da3") if da3 == CRITICS["da3"] else da3, device=device)
-        qwen_model = qwen_proc = hps_model = hps_proc = None
+        mine = lambda name, given: os.path.join(TOY, name) if given == CRITICS[name] else given  # noqa: E731
+        da3_net, gs_cfg = load_da3(mine("da3", da3), device=device)
+        hps_model, hps_proc = load_hpsv3(mine("hps", hps), mine("hps_backbone", hps_backbone), device, dtype)
+        qwen_model = qwen_proc = None
         with torch.random.fork_rng(devices=[]):  # the toy world downloads nothing: a random, seeded AlexNet
             torch.manual_seed(seed)
             lp = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)

@@ -181,7 +181,8 @@ def plane_flow(pose_a, pose_b, height, width, focal=None, depth=PLANE_DEPTH):
     """Flow (2, H, W) = (dx, dy) in pixels of a plane Z = depth (in camera a) seen from rigid pose_a then pose_b.
 
     [R | t] = pose_b^-1 pose_a; X = (u d/f, v d/f, d) with u = j - W/2, v = i - H/2; X' = R X + t;
-    flow = f X'_xy / max(X'_z, 0.01) - (u, v). Identical poses give exactly 0. As the release, the field is
+    flow = f X'_xy / max(X'_z, 0.01) - (u, v). Identical poses give 0 up to the rounding of Rb^T Ra in float64
+    (exactly 0 where that product is exactly I; ~1e-15 px on some BLAS). As the release, the field is
     scaled down if its largest vector exceeds 0.25 max(H, W) (never for the shipped motions).
     """
     f = 1.2 * width if focal is None else focal
@@ -191,7 +192,7 @@ def plane_flow(pose_a, pose_b, height, width, focal=None, depth=PLANE_DEPTH):
     dev = pose_a.device
     u = (torch.arange(width, device=dev, dtype=torch.float32) - width / 2)[None, :]  # (1, W)
     v = (torch.arange(height, device=dev, dtype=torch.float32) - height / 2)[:, None]  # (H, 1)
-    # X' scaled by f/d: (x, y, z) = R (u, v, f) + t f/d, so identical poses give x = u and z = f bit for bit
+    # X' scaled by f/d: (x, y, z) = R (u, v, f) + t f/d, so R = I and t = 0 give x = u and z = f bit for bit
     t = t * (f / depth)
     x = R[0, 0] * u + R[0, 1] * v + R[0, 2] * f + t[0]
     y = R[1, 0] * u + R[1, 1] * v + R[1, 2] * f + t[1]

@@ -388,19 +388,24 @@ HPSV3_INSTRUCTION = (
 HPSV3_REWARD_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
 
 
-@torch.no_grad()
-def hpsv3_score(critics, images, prompts):
-    """HPSv3 mu for images (N, 3, H, W) in [0, 1] with their prompts -> (N,) float32, prompted as upstream
-    (one image, then HPSV3_INSTRUCTION + HPSV3_REWARD_SUFFIX, chat template with the generation prompt). Each image
-    is resized by the processor to about `hps_pixels` pixels (upstream: min_pixels = max_pixels = 256*28*28)."""
-    proc, model = critics.hps_proc, critics.hps
+def hpsv3_inputs(proc, images, prompts, pixels):
+    """HPSv3's inputs for images (N, 3, H, W) in [0, 1] with their prompts, prompted as upstream (one image, then
+    HPSV3_INSTRUCTION + HPSV3_REWARD_SUFFIX, chat template with the generation prompt); each image is resized by the
+    processor to about `pixels` pixels (upstream: min_pixels = max_pixels = 256*28*28). -> the processor's batch
+    (input_ids, attention_mask, pixel_values, image_grid_thw). toyworld.py trains the toy HPSv3 on these too."""
     msgs = [[{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": HPSV3_INSTRUCTION.format(text_prompt=p) + HPSV3_REWARD_SUFFIX}]}]
         for p in prompts]
     texts = [proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
-    px = critics.hps_pixels
-    inp = proc(text=texts, images=list(to_uint8(images).cpu()), return_tensors="pt", padding=True,
-               size={"shortest_edge": px, "longest_edge": px}).to(critics.device)
+    return proc(text=texts, images=list(to_uint8(images).cpu()), return_tensors="pt", padding=True,
+                size={"shortest_edge": pixels, "longest_edge": pixels})
+
+
+@torch.no_grad()
+def hpsv3_score(critics, images, prompts):
+    """HPSv3 mu for images (N, 3, H, W) in [0, 1] with their prompts (hpsv3_inputs) -> (N,) float32."""
+    model = critics.hps
+    inp = hpsv3_inputs(critics.hps_proc, images, prompts, critics.hps_pixels).to(critics.device)
     inp["pixel_values"] = inp["pixel_values"].to(next(model.backbone.parameters()).dtype)
     return model(**inp)[:, 0].float().cpu()
 

@@ -126,7 +126,7 @@ QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_st
                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")  # ids 151643.. in Qwen's vocab
 
 
-def _tiny_tokenizer(extra=(), real_ids=False):
+def byte_tokenizer(extra=(), real_ids=False):
     """Byte-level Qwen tokenizer with no merges (every byte, so every digit, is one token) + Qwen's specials.
     real_ids: the ids Qwen's own vocabulary gives them (bytes 0..255 in GPT-2's byte order, so "0".."9" are
     15..24; <|endoftext|> 151643 ... <|video_pad|> 151656; `extra` after those), with never-produced filler
@@ -155,7 +155,7 @@ TINY_CHAT_TEMPLATE = (  # the Qwen-VL chat layout, minus the default system turn
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _vision_token_ids(tok):
+def vision_token_ids(tok):
     ids = tok.convert_tokens_to_ids
     return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
@@ -165,7 +165,7 @@ def build_tiny_qwen():
     """Random Qwen3-VL (2 layers, 64 wide) with a local tokenizer and processor (patch 16, merge 2)."""
     from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLProcessor, Qwen3VLVideoProcessor)
-    tok = _tiny_tokenizer()
+    tok = byte_tokenizer()
     kw = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     proc = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, **kw),
@@ -181,14 +181,14 @@ def build_tiny_qwen():
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
                            num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
-        **_vision_token_ids(tok))
+        **vision_token_ids(tok))
     return Qwen3VLForConditionalGeneration(cfg).eval().requires_grad_(False), proc
 
 
 def build_tiny_hpsv3():
     """Random HPSv3 (Qwen2-VL backbone 2 layers, 64 wide, patch 14) with a local tokenizer and processor."""
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-    tok = _tiny_tokenizer(extra=("<|Reward|>",))
+    tok = byte_tokenizer(extra=("<|Reward|>",))
     kw = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), video_processor=Qwen2VLVideoProcessor(**kw),
                             tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE)
@@ -198,7 +198,7 @@ def build_tiny_hpsv3():
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
-        **_vision_token_ids(tok))
+        **vision_token_ids(tok))
     return models.HPSv3Reward(cfg, tok.convert_tokens_to_ids("<|Reward|>")).eval().requires_grad_(False), proc
 
 
@@ -333,10 +333,10 @@ def real_processors():
     from transformers import Qwen3VLVideoProcessor
     qwen = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN3_VL_IMAGES),
                             video_processor=Qwen3VLVideoProcessor(**QWEN3_VL_VIDEOS),
-                            tokenizer=_tiny_tokenizer(real_ids=True), chat_template=TINY_CHAT_TEMPLATE)
+                            tokenizer=byte_tokenizer(real_ids=True), chat_template=TINY_CHAT_TEMPLATE)
     hps = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN2_VL_IMAGES),
                            video_processor=Qwen2VLVideoProcessor(**QWEN2_VL_IMAGES),
-                           tokenizer=_tiny_tokenizer(extra=("<|Reward|>",), real_ids=True),
+                           tokenizer=byte_tokenizer(extra=("<|Reward|>",), real_ids=True),
                            chat_template=TINY_CHAT_TEMPLATE)
     return qwen, hps
 
@@ -368,9 +368,9 @@ def random_reward_models(device, dtype=torch.bfloat16, depth=None, process_res=m
         da3, gs_cfg = models.load_da3(None, device=device, depth=depth)
     with common.build_in(device, dtype):
         qwen = random_hf(lambda: Qwen3VLForConditionalGeneration(
-            Qwen3VLConfig(**q3, **_vision_token_ids(qwen_proc.tokenizer))))
+            Qwen3VLConfig(**q3, **vision_token_ids(qwen_proc.tokenizer))))
         hps = random_hf(lambda: models.HPSv3Reward(
-            Qwen2VLConfig(**q2, **_vision_token_ids(hps_proc.tokenizer)),
+            Qwen2VLConfig(**q2, **vision_token_ids(hps_proc.tokenizer)),
             hps_proc.tokenizer.convert_tokens_to_ids("<|Reward|>")))
     hps.rm_head.float()  # as load_hpsv3: the head stays fp32
     return models.RewardModels(

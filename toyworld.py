@@ -1,8 +1,9 @@
 """
 A toy 3D world in which World-R1 can be seen working on a laptop: procedural scenes, an exact renderer, the
-inconsistent videos a text-to-video model makes, a held-out judge, and the one command that trains it all.
-Imports common, noise_warp (camera words -> camera path), models (the networks and their builders), reward (DA3's
-input as the reward prepares it) and standins (the writers of the released layouts). Its commands: README.md.
+inconsistent videos a text-to-video model makes, a preference model for R_gen, a held-out judge, and the one
+command that trains it all. Imports common, noise_warp (camera words -> camera path), models (the networks and
+their builders), reward (DA3's input and HPSv3's prompt as the reward prepares them) and standins (the byte
+tokenizer and the writers of the released layouts). Its commands: README.md.
 
 A scene is a textured ground plane under a sky dome with 1-3 primitives (box, ball, cylinder) in a few colours
 and two sizes. Its caption is in the project's prompt format, "Camera orbit left. A red box and a blue ball on a
@@ -649,6 +650,150 @@ def judge_rates(judge, videos, motions):
 
 
 # -----------------------------------------------------------------------------
+# The preference model: HPSv3's architecture trained on toy pairs, so R_gen has something to grade at the toy size
+
+def build_hpsv3(seed=0):
+    """The toy world's HPSv3, untrained: models.HPSv3Reward on a Qwen2-VL whose language model is 4 layers 128 wide
+    and whose vision tower is 4 blocks 64 wide (patch 14, merge 2: a 32x32 frame resized to the toy hps_pixels,
+    112x112, is 16 tokens); 1.1M parameters. The tokenizer is byte-level (standins.byte_tokenizer) plus one token
+    per caption word and one per constant piece of HPSv3's prompt: byte by byte, the instruction alone is ~1,900
+    tokens that tell a toy model nothing and would be most of its cost. -> (model, processor)."""
+    import models
+    import reward
+    import standins
+    from tokenizers import AddedToken
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    tok = standins.byte_tokenizer(extra=("<|Reward|>",))
+    head, tail = reward.HPSV3_INSTRUCTION.split("{text_prompt}")
+    before, after = reward.HPSV3_REWARD_SUFFIX.split("<|Reward|>")
+    tok.add_tokens([AddedToken(t, normalized=False) for t in (head, tail + before, after)]
+                   + [AddedToken(w, single_word=True, normalized=False) for w in WORDS + ["user", "assistant"]])
+    kw = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), video_processor=Qwen2VLVideoProcessor(**kw),
+                            tokenizer=tok, chat_template=standins.TINY_CHAT_TEMPLATE)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 4, 4]}),
+        vision_config=dict(depth=4, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        **standins.vision_token_ids(tok))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = models.HPSv3Reward(cfg, tok.convert_tokens_to_ids("<|Reward|>"))
+    return model, proc
+
+
+def edit_scene(scene, gen):
+    """The scene with one thing changed, as a text-to-video model misreads a caption: one object's colour, shape or
+    size, or (in a scene of two or three) one object left out."""
+    from dataclasses import replace
+    things = list(scene.things)
+    i = int(torch.randint(len(things), (1,), generator=gen))
+    what = int(torch.randint(4 if len(things) > 1 else 3, (1,), generator=gen))
+    if what == 3:
+        del things[i]
+    else:
+        key, pool = (("colour", list(COLOURS)), ("shape", list(SHAPES)), ("scale", list(SCALES)))[what]
+        others = [v for v in pool if v != getattr(things[i], key)]
+        things[i] = replace(things[i], **{key: others[int(torch.randint(len(others), (1,), generator=gen))]})
+    return Scene(things)
+
+
+def preference_data(vae, n, seed):
+    """n consistent, camera-following ground-truth videos and, with the same camera, each one's edited scene
+    (edit_scene), both decoded by the VAE as generated videos are: uint8 'video' and 'edited' (n, F, 3, H, W),
+    and the captions of the unedited scenes."""
+    gen = torch.Generator().manual_seed(seed)
+    scenes = [sample_scene(gen) for _ in range(n)]
+    clean = dict(corrupt=0.0, wrong_camera=0.0)
+    true = make_dataset(n, seed, mix=clean, scenes=scenes)  # same seed: the same motions for both
+    edited = make_dataset(n, seed, mix=clean, scenes=[edit_scene(s, gen) for s in scenes])
+    return dict(video=encode_videos(vae, true["video"])[1], edited=encode_videos(vae, edited["video"])[1],
+                caption=true["caption"])
+
+
+# What a preferred frame is preferred to, for the same caption: the frame of the edited scene (the caption is
+# misread), a frame of another scene (the caption is ignored), the frame blurred (detail lost), and the frame
+# smeared into a colour field (what an RL policy found when nothing graded quality: DA3 reconstructs a smooth
+# field well and S_recon rose while the scene dissolved). One kind per pair, each equally often.
+NEGATIVES = ("edited", "other", "blurred", "smeared")
+
+
+def blur(frames, sigma):
+    """Gaussian blur of frames (N, 3, H, W), one sigma (pixels) per frame, reflecting at the border."""
+    r = 9
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (N, 2r + 1)
+    n, c, h, w = frames.shape
+    y = F.pad(frames.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    kk = k.repeat_interleave(c, 0)  # (N * 3, 2r + 1)
+    y = F.conv2d(y, kk[:, None, None, :], groups=n * c)
+    return F.conv2d(y, kk[:, None, :, None], groups=n * c).reshape(n, c, h, w)
+
+
+def negatives(data, ids, frame, kinds, gen):
+    """The dispreferred frame of each pair (ids, frame, kinds: (B,) indices) -> floats (B, 3, H, W) in [0, 1]."""
+    pos = to_unit(data["video"][ids, frame])
+    other = (ids + 1 + torch.randint(len(data["video"]) - 1, ids.shape, generator=gen)) % len(data["video"])
+    weak = blur(pos, 0.8 + 1.2 * torch.rand(len(ids), generator=gen))
+    gain = 0.6 + 0.8 * torch.rand(len(ids), 3, 1, 1, generator=gen)
+    smear = (blur(pos, 2.5 + 3.5 * torch.rand(len(ids), generator=gen)) * gain).clamp(0, 1)
+    choices = torch.stack([to_unit(data["edited"][ids, frame]), to_unit(data["video"][other, frame]), weak, smear])
+    return choices[kinds, torch.arange(len(ids))]
+
+
+def preference_loss(hps, proc, pos, neg, captions, pixels):
+    """Bradley-Terry on HPSv3's mu: -log sigmoid(mu(pos) - mu(neg)), mean over the pairs (B, 3, H, W) each."""
+    import reward
+    inp = reward.hpsv3_inputs(proc, torch.cat([pos, neg]), captions * 2, pixels)
+    mu = hps(**inp)[:, 0]
+    return -F.logsigmoid(mu[:len(pos)] - mu[len(pos):]).mean()
+
+
+def train_preference(hps, proc, data, path, steps, batch, *, pixels, seed=0):
+    """The preference model on pairs of frames for one caption: its own scene's frame over one of NEGATIVES."""
+    opt = torch.optim.AdamW(hps.parameters(), lr=5e-4, weight_decay=0.01)
+    n, frames = data["video"].shape[:2]
+
+    def step_fn(step):
+        ids, frame = batch_ids(n, batch, seed, step), batch_ids(frames, batch, seed + 1, step)
+        kinds = batch_ids(len(NEGATIVES), batch, seed + 2, step)
+        neg = negatives(data, ids, frame, kinds, torch.Generator().manual_seed(seed + step))
+        return preference_loss(hps, proc, to_unit(data["video"][ids, frame]), neg,
+                               [data["caption"][i] for i in ids], pixels)
+    hps.train()
+    resumable(path, {"hps": hps}, opt, steps, step_fn, lr=5e-4, warmup=100, name="hps")
+    hps.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def calibrate_preference(hps, proc, data, pixels, top=10.0, seed=0):
+    """Score every held-out frame 4 against each kind of negative; report the pairwise accuracy per kind; then fold
+    an affine map into the head's last layer so the held-out preferred frames average `top` and the dispreferred
+    ones 0: HPSv3's own range, so R_gen = gen_scale * mu sits beside R_3D as it does in the real run."""
+    import reward
+    n, frame = len(data["video"]), torch.full((len(data["video"]),), 4)
+    ids, gen = torch.arange(n), torch.Generator().manual_seed(seed)
+    score = lambda x: torch.cat([hps(**reward.hpsv3_inputs(proc, x[i:i + 64], data["caption"][i:i + 64], pixels))  # noqa: E731
+                                 [:, 0] for i in range(0, n, 64)])
+    pos = score(to_unit(data["video"][ids, frame]))
+    report, negs = {}, []
+    for k, kind in enumerate(NEGATIVES):
+        neg = score(negatives(data, ids, frame, torch.full((n,), k), gen))
+        report[f"hps_pair_acc_{kind}"] = float((pos > neg).float().mean())
+        negs.append(neg)
+    lo, hi = float(torch.cat(negs).mean()), float(pos.mean())
+    a = top / (hi - lo)
+    last = hps.rm_head[-1]
+    last.weight[0] *= a
+    last.bias[0] = a * (last.bias[0] - lo)
+    report["hps_calibration"] = dict(preferred=hi, dispreferred=lo, scale=a)
+    return report
+
+
+# -----------------------------------------------------------------------------
 # Prompts: RL captions and held-out evaluation captions with combinations no RL caption has
 
 WORDS = sorted({w for m in MOTIONS for w in m.split("_")} | set(COLOURS) | set(SHAPES) | set(SCALES)
@@ -686,9 +831,9 @@ def make_prompts(n_train, n_test, seed=0):
 # Each training stage is (steps, batch).
 BUILD = {
     "full": dict(videos=10000, heldout=1000, vae_images=(2500, 32), vae_clips=(1500, 6), t2v=(2000, 64),
-                 da3=(2000, 8), judge=(1500, 16), prompts=(2000, 200)),
+                 da3=(2000, 8), judge=(1500, 16), hps_scenes=(2000, 300), hps=(3000, 16), prompts=(2000, 200)),
     "quick": dict(videos=48, heldout=24, vae_images=(30, 4), vae_clips=(20, 2), t2v=(40, 8), da3=(20, 2),
-                  judge=(30, 8), prompts=(40, 10)),
+                  judge=(30, 8), hps_scenes=(24, 8), hps=(30, 4), prompts=(40, 10)),
 }
 
 
@@ -745,6 +890,8 @@ def main(argv=None):
                    "beside the critics, in this many (one per core)")
     p.add_argument("--prompts", default="prompts", help="folder for toy_train.txt and toy_test.txt")
     p.add_argument("--show", default=None, help="only write a sheet of ground-truth videos to this PNG")
+    p.add_argument("--only_preference", action="store_true", help="train only the preference model, on the VAE "
+                   "already in --out, and add it and its report to what is there")
     args = common.parse_flags(p, argv)
     torch.set_num_threads(args.threads)
     if args.show:
@@ -753,6 +900,7 @@ def main(argv=None):
     os.makedirs(args.work, exist_ok=True)
     work = lambda name: os.path.join(args.work, name)  # noqa: E731
     t_start, seconds = time.time(), {}
+    pixels = models.SIZES["toy"]["hps_pixels"]
 
     def cached(name, build):
         path = work(name)
@@ -768,6 +916,26 @@ def main(argv=None):
         print(f"[build] {stage} done in {seconds[stage]:.0f} s", flush=True)
         return out
 
+    def preference(vae):  # 6. the preference model, on frames the VAE decoded
+        data = cached("hps_data.pt", lambda: preference_data(vae, cfg["hps_scenes"][0], args.seed + 2))
+        held = cached("hps_heldout.pt", lambda: preference_data(vae, cfg["hps_scenes"][1], args.seed + 3))
+        hps, proc = build_hpsv3(seed=args.seed)
+        train_preference(hps, proc, data, work("hps.pt"), *cfg["hps"], pixels=pixels, seed=args.seed)
+        report = calibrate_preference(hps, proc, held, pixels, seed=args.seed)
+        standins.save_hpsv3(hps, proc, os.path.join(args.out, "hps"), os.path.join(args.out, "hps_backbone"))
+        return report
+
+    if args.only_preference:
+        with open(os.path.join(args.out, "build.json")) as f:
+            report = json.load(f)
+        report.update(timed("hps", lambda: preference(models.load_wan(os.path.join(args.out, "wan"), "cpu").vae)))
+        report["seconds"]["hps"] = seconds["hps"]
+        report["loss_first_last"]["hps"] = first_last(torch.load(work("hps.pt"), weights_only=True)["losses"])
+        report["build"].update(hps_scenes=cfg["hps_scenes"], hps=cfg["hps"])
+        report["total_seconds"] = round(report["total_seconds"] + seconds["hps"], 1)
+        with open(os.path.join(args.out, "build.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        return print(json.dumps(report, indent=1))
     # 1. Data: pretraining videos with the mix; held-out ground truth (fresh scenes, another seed) for the reports
     data = timed("data", lambda: cached("data.pt", lambda: make_dataset_parallel(cfg["videos"], args.seed, args.jobs)))
     heldout = timed("heldout", lambda: cached("heldout.pt", lambda: make_dataset_parallel(
@@ -785,8 +953,8 @@ def main(argv=None):
     wan.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())  # as sample.decode reads them
     latents = (enc["latents"] - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     # 3. The base model (text encoder + transformer on the latents of the mixed videos), in a second process while
-    # this one trains 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras) and
-    # 5. the judge (ground truth only, decoded by the VAE like everything it will judge)
+    # this one trains 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras),
+    # 5. the judge (ground truth only, decoded by the VAE like everything it will judge) and 6. the preference model
     t2v = lambda: train_t2v(wan, latents, data["caption"], work("t2v.pt"), *cfg["t2v"],  # noqa: E731
                             text_len=models.SIZES["toy"]["text_len"], seed=args.seed)
     base = side_job(t2v) if args.jobs > 1 else timed("t2v", t2v)
@@ -796,14 +964,16 @@ def main(argv=None):
     judge = Judge()
     timed("judge", lambda: train_judge(judge, enc["recon"], data["corruption"] == 0, data["camera"],
                                        work("judge.pt"), *cfg["judge"], seed=args.seed))
+    os.makedirs(args.out, exist_ok=True)
+    hps_report = timed("hps", lambda: preference(wan.vae))
     if args.jobs > 1:
         timed("t2v (rest)", lambda: side_job_done(base, "the base model"))
         state = torch.load(work("t2v.pt"), weights_only=True)  # trained in the other process: its last save
         wan.transformer.load_state_dict(state["transformer"])
         wan.text_encoder.load_state_dict(state["text_encoder"])
-    # 6. Export: the networks in their released layouts, the prompts, and what the build measured
+    # 7. Export: the networks in their released layouts, the prompts, and what the build measured
     report = evaluate_stages(wan, da3, judge, heldout, enc["heldout_recon"])
-    os.makedirs(args.out, exist_ok=True)
+    report.update(hps_report)
     for m in (wan.transformer, wan.text_encoder, wan.vae):
         m.requires_grad_(False)
     standins.save_pretrained(wan, os.path.join(args.out, "wan"))
@@ -815,17 +985,22 @@ def main(argv=None):
         with open(os.path.join(args.prompts, name), "w") as f:
             f.write("\n".join(lines) + "\n")
     report["loss_first_last"] = {}  # each stage's mean loss over its first and its last tenth of steps
-    for stage in ("vae", "t2v", "da3", "judge"):
+    for stage in ("vae", "t2v", "da3", "judge", "hps"):
         losses = torch.load(work(f"{stage}.pt"), weights_only=True)["losses"]
         if stage == "vae":  # its clip phase: a clip's loss and an image's are not on one scale
             losses = losses[cfg["vae_images"][0]:]
-        k = max(1, len(losses) // 10)
-        report["loss_first_last"][stage] = [float(losses[:k].mean()), float(losses[-k:].mean())]
+        report["loss_first_last"][stage] = first_last(losses)
     report.update(seconds=seconds, total_seconds=round(time.time() - t_start, 1), build=cfg, seed=args.seed,
                   threads=args.threads, jobs=args.jobs, mix=MIX)
     with open(os.path.join(args.out, "build.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
+
+
+def first_last(losses):
+    """A stage's mean loss over its first and its last tenth of steps."""
+    k = max(1, len(losses) // 10)
+    return [float(losses[:k].mean()), float(losses[-k:].mean())]
 
 
 def side_job(fn):

@@ -218,9 +218,11 @@ def test_flow_orbit_centre_and_constant():
 
 
 def test_flow_identical_poses_is_zero():
+    """Exactly 0 where Rb^T Ra rounds to I (the first pose); within 1e-9 px wherever the BLAS leaves 1e-16 off it."""
     path = nw.camera_path(["orbit_left", "push_in", "pan_right"], 81)
-    for k in [0, 17, 40, 80]:
-        assert torch.equal(nw.plane_flow(path[k], path[k].clone(), 96, 128), torch.zeros(2, 96, 128))
+    assert torch.equal(nw.plane_flow(path[0], path[0].clone(), 96, 128), torch.zeros(2, 96, 128))
+    for k in [17, 40, 80]:
+        assert nw.plane_flow(path[k], path[k].clone(), 96, 128).abs().max() < 1e-9
 
 
 # ----------------------------------------------------------------------------------------------------------

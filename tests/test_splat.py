@@ -60,8 +60,9 @@ def dense_render(g, viewmat, K, H, W):
 
 
 def same(ours, ref):
-    """Equal up to a few ulps: our code does gsplat's arithmetic in gsplat's order (bitwise equal on the CPU)."""
-    eps = 4 * torch.finfo(ref.dtype).eps
+    """Equal up to rounding: our code does gsplat's arithmetic in gsplat's order, but a CPU's matmul kernels may sum
+    in another order (bitwise equal on an AMD EPYC; up to ~40 ulps apart on an Intel Xeon)."""
+    eps = 64 * torch.finfo(ref.dtype).eps
     torch.testing.assert_close(ours, ref, rtol=eps, atol=eps)
 
 

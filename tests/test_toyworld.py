@@ -4,6 +4,7 @@ captions, corruptions and their labels, the held-out prompt split, a miniature b
     python -m pytest -q tests/test_toyworld.py
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -154,6 +155,65 @@ def test_a_mirrored_video_is_the_mirrored_motion():
         assert torch.allclose(flipped[0, :, 0], b["depth"], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_an_edited_scene_differs_in_one_thing(seed):
+    """edit_scene changes one attribute of one object, or drops one object of several; the caption then differs."""
+    gen = torch.Generator().manual_seed(seed)
+    scene = tw.sample_scene(gen, n=1 + seed % 3)
+    edited = tw.edit_scene(scene, gen)
+    assert tw.caption(edited, "pan_left") != tw.caption(scene, "pan_left")
+    if len(edited.things) == len(scene.things):
+        changed = [(a, b) for a, b in zip(scene.things, edited.things) if a != b]
+        assert len(changed) == 1
+        a, b = changed[0]
+        assert sum(getattr(a, k) != getattr(b, k) for k in ("shape", "colour", "scale", "x", "z", "yaw")) == 1
+    else:
+        assert len(edited.things) == len(scene.things) - 1 and all(t in scene.things for t in edited.things)
+
+
+def test_blur_is_torchvisions_gaussian_blur():
+    """The preference model's blurred negatives: a per-frame sigma, the same as torchvision's Gaussian blur (kernel
+    19, reflected border) frame by frame."""
+    from torchvision.transforms.functional import gaussian_blur
+    x = torch.rand(3, 3, 32, 32)
+    sigma = torch.tensor([0.8, 2.0, 5.0])
+    want = torch.stack([gaussian_blur(x[i:i + 1], [19, 19], [float(s)] * 2)[0] for i, s in enumerate(sigma)])
+    torch.testing.assert_close(tw.blur(x, sigma), want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def small_preference():
+    vae = models.build_toy(tw.WORDS).vae.eval()
+    return tw.build_hpsv3(seed=1)[0].eval(), tw.build_hpsv3()[1], tw.preference_data(vae, 6, seed=7)
+
+
+def test_preference_loss_is_log2_for_a_pair_of_equals(small_preference):
+    """Bradley-Terry on identical pairs: P(pos > neg) = 1/2, so the loss is log 2 whatever the network."""
+    hps, proc, data = small_preference
+    frames = tw.to_unit(data["video"][:, 3])
+    loss = tw.preference_loss(hps, proc, frames, frames.clone(), data["caption"], 112 * 112)
+    assert abs(loss.item() - math.log(2)) < 1e-5
+
+
+def test_calibration_puts_preferred_at_ten_and_dispreferred_at_zero(small_preference):
+    """After calibrate_preference the same held-out pairs score 10 (preferred) and 0 (dispreferred) on average, and
+    the pair accuracies (a ranking) do not change."""
+    import copy
+    import reward
+    hps, proc, data = small_preference
+    hps = copy.deepcopy(hps)
+    before = tw.calibrate_preference(copy.deepcopy(hps), proc, data, 112 * 112)
+    report = tw.calibrate_preference(hps, proc, data, 112 * 112)
+    assert before == report
+    n, gen = len(data["video"]), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mu = lambda x: hps(**reward.hpsv3_inputs(proc, x, data["caption"], 112 * 112))[:, 0]  # noqa: E731
+        pos = mu(tw.to_unit(data["video"][:, 4]))
+        neg = torch.cat([mu(tw.negatives(data, torch.arange(n), torch.full((n,), 4), torch.full((n,), k), gen))
+                         for k in range(len(tw.NEGATIVES))])
+    assert abs(float(pos.mean()) - 10) < 1e-3 and abs(float(neg.mean())) < 1e-3
+
+
 @pytest.mark.full
 def test_a_miniature_build_trains_every_stage_and_writes_loadable_networks(tmp_path):
     """python toyworld.py --quick: every stage's loss falls, and what it writes loads through models.py."""
@@ -168,6 +228,9 @@ def test_a_miniature_build_trains_every_stage_and_writes_loadable_networks(tmp_p
     assert wan.vae.config.latents_std != models.build_toy(tw.WORDS).vae.config.latents_std  # set from the data
     da3, gs_cfg = models.load_da3(str(out / "da3"))
     assert gs_cfg is None and isinstance(tw.load_judge(str(out)), tw.Judge)
+    hps, _ = models.load_hpsv3(str(out / "hps"), str(out / "hps_backbone"), dtype=torch.float32)
+    assert isinstance(hps, models.HPSv3Reward)
+    assert set(report) >= {f"hps_pair_acc_{k}" for k in tw.NEGATIVES}
     assert (tmp_path / "prompts" / "toy_test.txt").read_text().count("\n") == tw.BUILD["quick"]["prompts"][1]
 
 
@@ -183,7 +246,7 @@ def test_committed_weights_load_and_stay_small():
     wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
     assert wan.transformer.config.num_layers == 4 and {"▁" + w for w in tw.WORDS} <= set(wan.tokenizer.get_vocab())
     critics = models.load_reward_models("toy")
-    assert critics.qwen is None and critics.hps is None and critics.gs_cfg is None
+    assert critics.qwen is None and critics.gs_cfg is None and critics.hps_pixels == 112 * 112
     assert committed_build()["build"] == json.loads(json.dumps(tw.BUILD["full"]))  # what `python toyworld.py` builds
 
 
@@ -199,10 +262,22 @@ def test_the_committed_judge_knows_fresh_ground_truth():
     assert (seen == data["camera"]).float().mean() >= 0.8
 
 
+def test_the_committed_preference_model_ranks_fresh_pairs():
+    """The toy HPSv3, on pairs from scenes no build uses, decoded by the committed VAE: each scene's own frame scores
+    above its edited scene's (the caption misread) and its blurred and smeared self in most pairs, and above the
+    other kinds on average. build.json holds the accuracies on 300 held-out scenes; this checks 24 fresh ones."""
+    critics = models.load_reward_models("toy")
+    vae = models.load_wan(models.SIZES["toy"]["model"], "cpu").vae
+    data = tw.preference_data(vae, 24, seed=12345)
+    report = tw.calibrate_preference(critics.hps, critics.hps_proc, data, critics.hps_pixels)
+    for kind in tw.NEGATIVES:
+        assert report[f"hps_pair_acc_{kind}"] >= (0.6 if kind == "edited" else 0.8), (kind, report)
+
+
 @pytest.mark.slow
 def test_a_toy_run_trains_and_the_judge_scores_it(tmp_path):
     """python train.py --size=toy for 2 steps, then evaluate.py --size=toy on 2 held-out prompts: the judge's
-    columns are in the table, and the toy preset's reward has no S_meta or R_gen."""
+    columns are in the table, and the toy preset's reward has no S_meta and grades R_gen with the toy HPSv3."""
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "train.py", "--size=toy", "--max_steps=2", "--group_size=4",
                            "--prompts_per_rank=1", "--eval_every=0", f"--out_dir={out}"], cwd=ROOT,
@@ -210,6 +285,7 @@ def test_a_toy_run_trains_and_the_judge_scores_it(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["S_meta"] for r in rows if "S_meta" in r] == [0.0, 0.0]
+    assert all(r["R_gen"] != 0 and math.isfinite(r["R_gen"]) for r in rows if "R_gen" in r)
     proc = subprocess.run([sys.executable, "evaluate.py", "--size=toy", f"--ckpt={out}", "--limit=2",
                            f"--out={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
