@@ -185,21 +185,28 @@ def build_tiny_qwen():
     return Qwen3VLForConditionalGeneration(cfg).eval().requires_grad_(False), proc
 
 
-def build_tiny_hpsv3():
-    """Random HPSv3 (Qwen2-VL backbone 2 layers, 64 wide, patch 14) with a local tokenizer and processor."""
+def small_hpsv3(tok, width, layers, vision_width, vision_depth, mrope_section):
+    """An untrained HPSv3Reward on a small Qwen2-VL (language model `layers` x `width`, 4 heads, 2 KV heads; vision
+    tower `vision_depth` x `vision_width`, patch 14, merge 2) and a processor around `tok`, which must hold
+    <|Reward|> and Qwen's vision tokens (byte_tokenizer). -> (model, processor). tiny's HPSv3 and the toy world's."""
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-    tok = byte_tokenizer(extra=("<|Reward|>",))
     kw = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), video_processor=Qwen2VLVideoProcessor(**kw),
                             tokenizer=tok, chat_template=TINY_CHAT_TEMPLATE)
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section}),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=width, num_heads=4, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         **vision_token_ids(tok))
-    return models.HPSv3Reward(cfg, tok.convert_tokens_to_ids("<|Reward|>")).eval().requires_grad_(False), proc
+    return models.HPSv3Reward(cfg, tok.convert_tokens_to_ids("<|Reward|>")), proc
+
+
+def build_tiny_hpsv3():
+    """Random HPSv3 (Qwen2-VL backbone 2 layers, 64 wide, patch 14) with a local tokenizer and processor."""
+    model, proc = small_hpsv3(byte_tokenizer(extra=("<|Reward|>",)), 64, 2, 32, 2, [2, 3, 3])
+    return model.eval().requires_grad_(False), proc
 
 
 def tiny_reward_models(device="cpu", dtype=None, seed=0, process_res=None):

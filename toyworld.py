@@ -658,30 +658,17 @@ def build_hpsv3(seed=0):
     112x112, is 16 tokens); 1.1M parameters. The tokenizer is byte-level (standins.byte_tokenizer) plus one token
     per caption word and one per constant piece of HPSv3's prompt: byte by byte, the instruction alone is ~1,900
     tokens that tell a toy model nothing and would be most of its cost. -> (model, processor)."""
-    import models
     import reward
     import standins
     from tokenizers import AddedToken
-    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
     tok = standins.byte_tokenizer(extra=("<|Reward|>",))
     head, tail = reward.HPSV3_INSTRUCTION.split("{text_prompt}")
     before, after = reward.HPSV3_REWARD_SUFFIX.split("<|Reward|>")
     tok.add_tokens([AddedToken(t, normalized=False) for t in (head, tail + before, after)]
                    + [AddedToken(w, single_word=True, normalized=False) for w in WORDS + ["user", "assistant"]])
-    kw = dict(patch_size=14, merge_size=2, temporal_patch_size=2)
-    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), video_processor=Qwen2VLVideoProcessor(**kw),
-                            tokenizer=tok, chat_template=standins.TINY_CHAT_TEMPLATE)
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 4, 4]}),
-        vision_config=dict(depth=4, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        **standins.vision_token_ids(tok))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = models.HPSv3Reward(cfg, tok.convert_tokens_to_ids("<|Reward|>"))
-    return model, proc
+        return standins.small_hpsv3(tok, 128, 4, 64, 4, [8, 4, 4])
 
 
 def edit_scene(scene, gen):
