@@ -64,7 +64,8 @@ FROM_CKPT = ("model", "frames", "height", "width", "text_len", "guidance", "nega
 # Per-video metrics: key -> (table header with the better direction, number format). Order = column order; the
 # novel-view PSNR comes first, the headline 3D number.
 METRICS = {
-    "Consistent": ("Consistent%↑", ".1f"), "CamFollow": ("CamFollow%↑", ".1f"),  # the toy world's judge
+    "Consistent": ("Consistent%↑", ".1f"), "ConsistentP": ("P(cons)%↑", ".1f"),  # the toy world's judge
+    "CamFollow": ("CamFollow%↑", ".1f"),
     "NV_PSNR": ("NV-PSNR↑", ".2f"), "NV_SSIM": ("NV-SSIM↑", ".3f"), "NV_LPIPS": ("NV-LPIPS↓", ".3f"),
     "OV_PSNR": ("OV-PSNR↑", ".2f"), "OV_SSIM": ("OV-SSIM↑", ".3f"), "OV_LPIPS": ("OV-LPIPS↓", ".3f"),
     "RotErr": ("RotErr rad↓", ".3f"), "TransErr": ("TransErr↓", ".3f"), "CamMC": ("CamMC↓", ".3f"),
@@ -371,13 +372,13 @@ def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
 def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
     """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, the reasons as one string).
     path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion. judge: the toy world's
-    (toyworld.Judge): Consistent = 100 when it sees a consistent rigid scene, CamFollow = 100 when the camera motion
-    it sees is the prompt's."""
+    (toyworld.Judge): Consistent = 100 when it sees a consistent rigid scene, ConsistentP its probability of that in
+    percent (a finer reading of the same verdict), CamFollow = 100 when the camera motion it sees is the prompt's."""
     row, reasons = dict.fromkeys(KEYS, math.nan), []
     if judge is not None:
-        consistent, follows = toyworld.judge_rates(judge, video[None].cpu(), noise_warp.parse_camera(prompt)[:1]
-                                                    or ["fixed"])
-        row.update(Consistent=100 * float(consistent), CamFollow=100 * float(follows))
+        p, consistent, follows = toyworld.judge_rates(judge, video[None].cpu(), noise_warp.parse_camera(prompt)[:1]
+                                                       or ["fixed"])
+        row.update(Consistent=100 * float(consistent), ConsistentP=100 * float(p), CamFollow=100 * float(follows))
     guard = lambda what, fn, *a: reward.guard(reasons, what, fn, *a, failed={})  # noqa: E731  (a failed group: NaN)
     lf = reward.guard(reasons, "lift", reward.lift, critics, video, failed=None)
     if lf is not None:
@@ -475,8 +476,8 @@ def write_markdown(path, args, names, means, delta, per_motion, n):
              "Means over prompts; n/a where undefined.", ""]
     if shown(["Consistent"], means):
         lines += ["Consistent% and CamFollow% (the toy world's judge, a classifier trained on ground-truth toy videos "
-                  "that no reward uses): the share of videos it sees as one consistent rigid scene, and the share "
-                  "whose camera motion it sees as the prompt's.", ""]
+                  "that no reward uses): the share of videos it sees as one consistent rigid scene (P(cons)%: its mean "
+                  "probability of that), and the share whose camera motion it sees as the prompt's.", ""]
     lines += markdown_table(rows, shown(MAIN_KEYS, means), delta)
     lines += ["", "## Reward components (reward.score, as in training)", ""]
     lines += markdown_table(rows, shown(REWARD_KEYS, means), delta)

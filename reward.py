@@ -3,7 +3,8 @@ The World-R1 rewards, in-process: a 3D reward from Depth Anything 3 + 3D Gaussia
 Imports common, noise_warp (path geometry), splat (the Gaussian rasterizers) and models (the size table).
 
     R     = w_3d * R_3D + w_gen * R_gen          (dynamic phase: R = R_gen)
-    R_3D  = w_meta * S_meta + S_recon + S_traj   each clipped to [0, 1], so R_3D in [0, 3]; w_meta = 1
+    R_3D  = w_meta * S_meta + w_recon * S_recon + S_traj   each term clipped to [0, 1]; the paper's weights are 1
+                                                         (R_3D in [0, 3]), and the toy world's w_meta is 0
     R_gen = gen_scale * mean_{k < gen_frames} HPSv3_mu(frame k, prompt)
 
 Data flow for one video [F, 3, H, W] in [0, 1]: DA3 lifts the frames to per-frame depth, cameras and 3D
@@ -53,7 +54,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # defaults, train.py's flags, and evaluate.py's defaults for a checkpoint that does not name them. The weights that
 # differ by size, w_meta and w_gen, are rows of models.SIZES.
 SETTINGS = {
-    "w_3d": (1.0, "weight of R_3D = w_meta S_meta + S_recon + S_traj"),
+    "w_3d": (1.0, "weight of R_3D = w_meta S_meta + w_recon S_recon + S_traj"),
+    "w_recon": (1.0, "weight of S_recon inside R_3D (above 1 the toy world's policy trades the scene for flat colour "
+                     "that reconstructs well: BENCHMARKS.md)"),
     "gen_frames": (4, "HPSv3 averages the first K frames"),
     "gen_scale": (0.1, "HPSv3 mu is multiplied by this"),
     "meta_angle": (15.0, "meta view orbit angle, degrees"),
@@ -539,7 +542,7 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=No
     scores = {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
     for k in ("S_meta", "S_recon", "S_traj"):
         scores[k] = scores[k].clamp(0, 1)
-    scores["R_3D"] = s["w_meta"] * scores["S_meta"] + scores["S_recon"] + scores["S_traj"]
+    scores["R_3D"] = s["w_meta"] * scores["S_meta"] + s["w_recon"] * scores["S_recon"] + scores["S_traj"]
     scores["total"] = scores["R_gen"] if dynamic else s["w_3d"] * scores["R_3D"] + s["w_gen"] * scores["R_gen"]
     scores["bad"] = ~torch.isfinite(scores["total"])
     return scores, all_reasons

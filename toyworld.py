@@ -596,6 +596,13 @@ class Judge(torch.nn.Module):
         return out[:, 0], out[:, 1:]
 
 
+def build_judge(seed=0):
+    """The judge, untrained; its initial weights depend on `seed` only (not on what ran before)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Judge()
+
+
 def mirror(video, camera):
     """The video flipped left-right and its camera-motion labels swapped to match (an orbit left seen in a mirror is
     an orbit right); doubles the judge's data."""
@@ -642,11 +649,12 @@ def load_judge(folder=None):
 
 
 def judge_rates(judge, videos, motions):
-    """The judge's verdicts on videos (N, F, 3, H, W) in [0, 1] whose captions name `motions` (motion ids):
-    per video, consistent (P > 0.5) and follows (the camera motion it sees is the caption's), as floats 0/1."""
+    """The judge's verdicts on videos (N, F, 3, H, W) in [0, 1] whose captions name `motions` (motion ids): per
+    video, P(consistent rigid scene), consistent (P > 0.5) and follows (the camera motion it sees is the caption's),
+    as floats (the last two 0/1)."""
     p, seen = judge_videos(judge, videos)
     follows = seen == torch.tensor([MOTIONS.index(m) for m in motions])
-    return (p > 0.5).float(), follows.float()
+    return p, (p > 0.5).float(), follows.float()
 
 
 # -----------------------------------------------------------------------------
@@ -818,7 +826,7 @@ def make_prompts(n_train, n_test, seed=0):
 # Each training stage is (steps, batch).
 BUILD = {
     "full": dict(videos=10000, heldout=1000, vae_images=(2500, 32), vae_clips=(1500, 6), t2v=(2000, 64),
-                 da3=(2000, 8), judge=(1500, 16), hps_scenes=(2000, 300), hps=(3000, 16), prompts=(2000, 200)),
+                 da3=(2000, 8), judge=(3000, 32), hps_scenes=(2000, 300), hps=(3000, 16), prompts=(2000, 200)),
     "quick": dict(videos=48, heldout=24, vae_images=(30, 4), vae_clips=(20, 2), t2v=(40, 8), da3=(20, 2),
                   judge=(30, 8), hps_scenes=(24, 8), hps=(30, 4), prompts=(40, 10)),
 }
@@ -827,7 +835,7 @@ BUILD = {
 def evaluate_stages(wan, da3, judge, heldout, recon):
     """What the build measured on held-out ground-truth videos: VAE PSNR (all pixels and object pixels, where
     depth is nearer than the floor behind the objects), Depth Anything 3's depth AbsRel and relative-pose errors,
-    and the judge's accuracy on both heads, on raw renders and on VAE reconstructions."""
+    and the judge's accuracy on both heads (judge_report), on raw renders and on VAE reconstructions."""
     truth = raw = to_unit(heldout["video"])
     rec = to_unit(recon)
     near = (heldout["depth"].float() < TARGET_Z + 1.5)[:, :, None].expand_as(truth)  # objects and the near floor
@@ -851,9 +859,14 @@ def evaluate_stages(wan, da3, judge, heldout, recon):
         absrel, rot, trans = torch.cat(errs).mean(0).tolist()
         report.update({f"da3_depth_absrel_{name}": absrel, f"da3_last_frame_rot_err_deg_{name}": rot,
                        f"da3_last_frame_trans_err_{name}": trans})
-    consistent = heldout["corruption"] == 0
-    for name, videos in (("raw", raw), ("vae", rec)):
-        p, seen = judge_videos(judge, videos)
+    return {**report, **judge_report(judge, heldout, recon)}
+
+
+def judge_report(judge, heldout, recon):
+    """The judge's accuracy on both heads, on held-out raw renders and on their VAE reconstructions `recon`."""
+    report, consistent = {}, heldout["corruption"] == 0
+    for name, videos in (("raw", heldout["video"]), ("vae", recon)):
+        p, seen = judge_videos(judge, to_unit(videos))
         report[f"judge_consistent_acc_{name}"] = float(((p > 0.5) == consistent).float().mean())
         report[f"judge_motion_acc_{name}"] = float((seen == heldout["camera"]).float().mean())
     return report
@@ -879,6 +892,8 @@ def main(argv=None):
     p.add_argument("--show", default=None, help="only write a sheet of ground-truth videos to this PNG")
     p.add_argument("--only_preference", action="store_true", help="train only the preference model, on the VAE "
                    "already in --out, and add it and its report to what is there")
+    p.add_argument("--only_judge", action="store_true", help="train only the judge, on the videos as the VAE already "
+                   "in --out decodes them, and replace it and its report in what is there")
     args = common.parse_flags(p, argv)
     torch.set_num_threads(args.threads)
     if args.show:
@@ -912,14 +927,30 @@ def main(argv=None):
         standins.save_hpsv3(hps, proc, os.path.join(args.out, "hps"), os.path.join(args.out, "hps_backbone"))
         return report
 
-    if args.only_preference:
+    def judged(data, enc):  # 5. the judge, on ground truth decoded by the VAE; resumes a finished stage at once
+        judge = build_judge(args.seed)
+        train_judge(judge, enc["recon"], data["corruption"] == 0, data["camera"], work("judge.pt"), *cfg["judge"],
+                    seed=args.seed)
+        return judge
+
+    def only_judge(vae):
+        data = cached("data.pt", lambda: make_dataset_parallel(cfg["videos"], args.seed, args.jobs))
+        heldout = cached("heldout.pt", lambda: make_dataset_parallel(cfg["heldout"], args.seed + 1, args.jobs))
+        enc = cached("encoded.pt", lambda: encode_all(vae, data, heldout))
+        judge = judged(data, enc)
+        save_model(judge, os.path.join(args.out, "judge.safetensors"))
+        return judge_report(judge, heldout, enc["heldout_recon"])
+
+    if args.only_preference or args.only_judge:  # one stage again, on the VAE in --out: update its files and report
         with open(os.path.join(args.out, "build.json")) as f:
             report = json.load(f)
-        report.update(timed("hps", lambda: preference(models.load_wan(os.path.join(args.out, "wan"), "cpu").vae)))
-        report["seconds"]["hps"] = seconds["hps"]
-        report["loss_first_last"]["hps"] = first_last(torch.load(work("hps.pt"), weights_only=True)["losses"])
-        report["build"].update(hps_scenes=cfg["hps_scenes"], hps=cfg["hps"])
-        report["total_seconds"] = round(report["total_seconds"] + seconds["hps"], 1)
+        stage, build_keys = ("hps", ("hps_scenes", "hps")) if args.only_preference else ("judge", ("judge",))
+        run = preference if args.only_preference else only_judge
+        report.update(timed(stage, lambda: run(models.load_wan(os.path.join(args.out, "wan"), "cpu").vae)))
+        report["total_seconds"] = round(report["total_seconds"] + seconds[stage] - report["seconds"].get(stage, 0), 1)
+        report["seconds"][stage] = seconds[stage]
+        report["loss_first_last"][stage] = first_last(torch.load(work(f"{stage}.pt"), weights_only=True)["losses"])
+        report["build"].update({k: cfg[k] for k in build_keys})
         with open(os.path.join(args.out, "build.json"), "w") as f:
             json.dump(report, f, indent=1)
         return print(json.dumps(report, indent=1))
@@ -932,32 +963,32 @@ def main(argv=None):
     timed("vae", lambda: train_vae(wan.vae, data, work("vae.pt"), images=cfg["vae_images"], clips=cfg["vae_clips"],
                                    seed=args.seed))
 
-    def encode_all():
-        latents, recon = encode_videos(wan.vae, data["video"])
-        return dict(latents=latents, recon=recon, heldout_recon=encode_videos(wan.vae, heldout["video"])[1])
-    enc = timed("encode", lambda: cached("encoded.pt", encode_all))
+    enc = timed("encode", lambda: cached("encoded.pt", lambda: encode_all(wan.vae, data, heldout)))
     mean, std = enc["latents"].mean((0, 2, 3, 4)), enc["latents"].std((0, 2, 3, 4))
     wan.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())  # as sample.decode reads them
     latents = (enc["latents"] - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    # 3. The base model (text encoder + transformer on the latents of the mixed videos), in a second process while
-    # this one trains 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras),
-    # 5. the judge (ground truth only, decoded by the VAE like everything it will judge) and 6. the preference model
+    # 3. The base model (text encoder + transformer on the latents of the mixed videos), then 5. the judge (ground
+    # truth only, decoded by the VAE like everything it will judge), in a second process, while this one trains
+    # 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras) and 6. the preference
+    # model: the two lanes take about as long
     t2v = lambda: train_t2v(wan, latents, data["caption"], work("t2v.pt"), *cfg["t2v"],  # noqa: E731
                             text_len=models.SIZES["toy"]["text_len"], seed=args.seed)
-    base = side_job(t2v) if args.jobs > 1 else timed("t2v", t2v)
+    if args.jobs > 1:
+        side = side_job(lambda: (t2v(), judged(data, enc)))
+    else:
+        timed("t2v", t2v)
+        timed("judge", lambda: judged(data, enc))
     da3, _ = models.build_toy_da3()
     timed("da3", lambda: train_da3(da3, data["video"], enc["recon"], data["depth"], data["c2w"], work("da3.pt"),
                                    *cfg["da3"], seed=args.seed))
-    judge = Judge()
-    timed("judge", lambda: train_judge(judge, enc["recon"], data["corruption"] == 0, data["camera"],
-                                       work("judge.pt"), *cfg["judge"], seed=args.seed))
     os.makedirs(args.out, exist_ok=True)
     hps_report = timed("hps", lambda: preference(wan.vae))
     if args.jobs > 1:
-        timed("t2v (rest)", lambda: side_job_done(base, "the base model"))
-        state = torch.load(work("t2v.pt"), weights_only=True)  # trained in the other process: its last save
-        wan.transformer.load_state_dict(state["transformer"])
-        wan.text_encoder.load_state_dict(state["text_encoder"])
+        timed("t2v and judge (rest)", lambda: side_job_done(side, "the base model and the judge"))
+    state = torch.load(work("t2v.pt"), weights_only=True)  # its last save (trained in the other process, or here)
+    wan.transformer.load_state_dict(state["transformer"])
+    wan.text_encoder.load_state_dict(state["text_encoder"])
+    judge = judged(data, enc)  # the finished stage's checkpoint, loaded
     # 7. Export: the networks in their released layouts, the prompts, and what the build measured
     report = evaluate_stages(wan, da3, judge, heldout, enc["heldout_recon"])
     report.update(hps_report)
@@ -982,6 +1013,12 @@ def main(argv=None):
     with open(os.path.join(args.out, "build.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
+
+
+def encode_all(vae, data, heldout):
+    """The training videos' latents and reconstructions, and the held-out videos' reconstructions."""
+    latents, recon = encode_videos(vae, data["video"])
+    return dict(latents=latents, recon=recon, heldout_recon=encode_videos(vae, heldout["video"])[1])
 
 
 def first_last(losses):

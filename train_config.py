@@ -179,8 +179,8 @@ def parse(argv):
                                          "sample_steps", "depth", "lift_res", "clip_range", "adv_clip",
                                          "max_grad_norm", "lora_rank", "lora_alpha"),
                          nonnegative=("noise_level", "weight_decay", "beta", "guidance", "ema_decay", "w_3d",
-                                      "w_meta", "w_gen", "gen_frames", "gen_scale", "dynamic_every", "dynamic_steps",
-                                      "eval_every"),
+                                      "w_meta", "w_recon", "w_gen", "gen_frames", "gen_scale", "dynamic_every",
+                                      "dynamic_steps", "eval_every"),
                          finite=("meta_angle", "traj_rot_scale", "warp_strength"))
     checks = [
         (args.group_size >= 2, f"--group_size={args.group_size}: a group needs at least 2 videos to compare"),

@@ -223,7 +223,7 @@ FAST_EVALUATE = ("import evaluate, models, splat\n"
                  "models.load_reward_models = lambda *a, **k: None\n"
                  "models.load_dino = models.load_raft = lambda *a, **k: None\n"
                  "splat.check_renderer_on_every_rank = lambda *a, **k: None\n"
-                 "evaluate.evaluate_video = lambda *a, **k: ({key: float('nan') if key in ('Consistent', 'CamFollow')\n"
+                 "evaluate.evaluate_video = lambda *a, **k: ({key: float('nan') if key.startswith(('Consistent', 'Cam'))\n"
                  "                                            else 0.5 for key in evaluate.KEYS}, '')\n")  # no judge here
 
 

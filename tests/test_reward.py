@@ -418,6 +418,12 @@ def test_score_components_and_bad_videos(critics):
     out, why = reward.score(critics, good[None], ["a cat"], [None], w_3d=2.0)
     assert out["S_traj"][0] == 0 and not out["bad"][0] and why[0] == [reward.Failure(K.NO_CAMERA_WORDS, "S_traj")]
     assert torch.allclose(out["total"], 2 * out["R_3D"] + out["R_gen"])
+    # the weights of the terms (the toy world's): R_3D = w_meta S_meta + w_recon S_recon + S_traj, total with w_gen
+    w, why = reward.score(critics, good[None], ["Camera orbit left. A cat."], [path], w_meta=0.0, w_recon=20.0,
+                          w_gen=0.5)
+    assert w["S_meta"][0] == 0 and torch.allclose(w["S_recon"], r["S_recon"][:1])  # a term weighted 0 is not run
+    assert torch.allclose(w["R_3D"], 20 * r["S_recon"][:1] + r["S_traj"][:1])
+    assert torch.allclose(w["total"], w["R_3D"] + 0.5 * r["R_gen"][:1])
     broken = dataclasses.replace(critics, qwen=None)
     out, why = reward.score(broken, good[None], ["a cat"], [None], w_3d=2.0)
     assert torch.isnan(out["S_meta"][0]) and out["S_recon"][0] > 0 and out["bad"][0]
