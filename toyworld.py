@@ -893,7 +893,8 @@ def main(argv=None):
     p.add_argument("--only_preference", action="store_true", help="train only the preference model, on the VAE "
                    "already in --out, and add it and its report to what is there")
     p.add_argument("--only_judge", action="store_true", help="train only the judge, on the videos as the VAE already "
-                   "in --out decodes them, and replace it and its report in what is there")
+                   "in --out decodes them, and replace it and its report in what is there (a finished judge.pt in "
+                   "--work is loaded, not trained again: delete it first)")
     args = common.parse_flags(p, argv)
     torch.set_num_threads(args.threads)
     if args.show:
@@ -970,7 +971,7 @@ def main(argv=None):
     # 3. The base model (text encoder + transformer on the latents of the mixed videos), then 5. the judge (ground
     # truth only, decoded by the VAE like everything it will judge), in a second process, while this one trains
     # 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras) and 6. the preference
-    # model: the two lanes take about as long
+    # model (about 59 and 44 minutes: BENCHMARKS.md)
     t2v = lambda: train_t2v(wan, latents, data["caption"], work("t2v.pt"), *cfg["t2v"],  # noqa: E731
                             text_len=models.SIZES["toy"]["text_len"], seed=args.seed)
     if args.jobs > 1:
