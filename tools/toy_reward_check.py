@@ -98,9 +98,10 @@ def rank(x):
 
 def corr(a, b):
     """Pearson correlation; NaN when either side is constant."""
-    ma, mb = statistics.fmean(a), statistics.fmean(b)
-    sa, sb = math.dist(a, [ma] * len(a)), math.dist(b, [mb] * len(b))
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (sa * sb) if sa > 0 and sb > 0 else math.nan
+    try:
+        return statistics.correlation(a, b)
+    except statistics.StatisticsError:
+        return math.nan
 
 
 def mean_se(xs):
