@@ -610,9 +610,23 @@ def mirror(video, camera):
     return video.flip(-1), swap[camera]
 
 
-def train_judge(judge, videos, consistent, camera, path, steps, batch, *, seed=0):
-    """The judge on ground-truth toy videos (decoded by the VAE, as generated videos are), half of them mirrored:
-    binary cross-entropy for 'consistent rigid scene', cross-entropy over the 9 camera motions."""
+def jitter(video, gen, pixels=3):
+    """Augmentation for the judge that keeps both labels: each video (B, F, 3, H, W) shifted by up to `pixels` in
+    x and y, the same shift in every frame with the edges repeated (a framing, not a motion)."""
+    b, f, c, h, w = video.shape
+    padded = F.pad(video.reshape(b, f * c, h, w), (pixels,) * 4, mode="replicate")
+    dy, dx = torch.randint(2 * pixels + 1, (2, b), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)]).view(b, f, c, h, w)
+
+
+def train_judge(judge, videos, consistent, camera, path, steps, batch, *, seed=0, bf16=None):
+    """The judge on ground-truth toy videos (decoded by the VAE, as generated videos are), half of them mirrored, all
+    shifted a little (jitter): binary cross-entropy for 'consistent rigid scene', cross-entropy over the 9 camera
+    motions. `bf16` (default: whether the CPU has AMX units) runs the forward pass under bf16 autocast: 2-3x faster
+    per step than float32 with AMX, at the same held-out accuracy; without AMX, oneDNN emulates bf16 and a step is
+    2x (AVX-512) to 9x (AVX2) slower than float32 (BENCHMARKS.md). The judge is used in float32 (judge_videos)."""
+    bf16 = torch.cpu._is_amx_tile_supported() if bf16 is None else bf16  # torch has no public query for this
+    print(f"[judge] forward pass in {'bf16' if bf16 else 'float32'}", flush=True)
     opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, weight_decay=0.01)
 
     def step_fn(step):
@@ -621,8 +635,11 @@ def train_judge(judge, videos, consistent, camera, path, steps, batch, *, seed=0
         flip = torch.rand(batch, generator=torch.Generator().manual_seed(seed + step)) < 0.5
         xf, camf = mirror(x, cam)
         x, cam = torch.where(flip[:, None, None, None, None], xf, x), torch.where(flip, camf, cam)
-        logit, motion = judge(x)
-        return F.binary_cross_entropy_with_logits(logit, consistent[idx].float()) + F.cross_entropy(motion, cam)
+        x = jitter(x, torch.Generator().manual_seed(seed * 1_000_003 + step + 7))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logit, motion = judge(x)
+        return (F.binary_cross_entropy_with_logits(logit.float(), consistent[idx].float())
+                + F.cross_entropy(motion.float(), cam))
     judge.train()
     resumable(path, {"judge": judge}, opt, steps, step_fn, lr=1e-3, warmup=100, name="judge")
     judge.eval().requires_grad_(False)
@@ -826,7 +843,7 @@ def make_prompts(n_train, n_test, seed=0):
 # Each training stage is (steps, batch).
 BUILD = {
     "full": dict(videos=10000, heldout=1000, vae_images=(2500, 32), vae_clips=(1500, 6), t2v=(2000, 64),
-                 da3=(2000, 8), judge=(3000, 32), hps_scenes=(2000, 300), hps=(3000, 16), prompts=(2000, 200)),
+                 da3=(2000, 8), judge=(9000, 32), hps_scenes=(2000, 300), hps=(3000, 16), prompts=(2000, 200)),
     "quick": dict(videos=48, heldout=24, vae_images=(30, 4), vae_clips=(20, 2), t2v=(40, 8), da3=(20, 2),
                   judge=(30, 8), hps_scenes=(24, 8), hps=(30, 4), prompts=(40, 10)),
 }
