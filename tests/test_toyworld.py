@@ -357,3 +357,16 @@ def test_a_toy_run_trains_and_the_judge_scores_it(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "Consistent" in json.dumps(results) and "CamFollow" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_the_reward_check_reports_what_the_judge_says_of_each_groups_best():
+    """tools/toy_reward_check.py's best-of-group column, on two hand-made groups: the best by S_recon is the first
+    video of group 1 (judge P 0.9, follows) and the second of group 2 (P 0.2, does not), so the judge accepts 50% of
+    them, mean P 0.55, 50% follow; the best by the judge itself is P 0.9 and P 0.7."""
+    from tools.toy_reward_check import group_report
+    row = lambda recon, p, follows: dict(S_recon=recon, S_traj=0.0, R_gen=0.0, total=recon, judge_p=p,  # noqa: E731
+                                         follows=follows)
+    groups = [[row(0.9, 0.9, True), row(0.5, 0.1, False)], [row(0.1, 0.7, True), row(0.8, 0.2, False)]]
+    lines = {line.split(" |")[0]: line for line in group_report(groups)}
+    assert lines["| S_recon"].endswith("| 50.0% / 0.550 / 50.0% |")
+    assert lines["| judge_p (the judge itself)"].endswith("| 100.0% / 0.800 / 100.0% |")

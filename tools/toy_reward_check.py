@@ -11,7 +11,8 @@ reward sees". Imports common, models, sample, reward, noise_warp and toyworld.
 2. Groups (the base model): groups of 8 rollouts of RL captions, sampled as train.py samples them (one ODE prefix,
    a 2-step SDE window, 10 steps). Per term: its spread within a group (GRPO's advantage standardises the sum of
    the terms, so a term moves the policy in proportion to that spread), and its within-group rank correlation with
-   the judge's P(consistent) and agreement with the judge's camera verdict.
+   the judge's P(consistent) and agreement with the judge's camera verdict; and the judge's verdict on each
+   group's best video by that term, beside each group's best by the judge itself (what any reward could pick).
 """
 import argparse
 import json
@@ -136,18 +137,30 @@ def pair_report(pair_rows):
 
 
 def group_report(group_rows):
+    """Per term: its spread within a group, its within-group agreement with the judge, and what the judge says of
+    each group's best video by that term (the most one GRPO step's reweighting toward the term can reach on these
+    samples; the judge_p row, each group's best by the judge itself, is the ceiling for any reward)."""
     n, judged = sum(len(g) for g in group_rows), [r for g in group_rows for r in g]
     lines = [f"Groups: {len(group_rows)} groups of {len(group_rows[0])} base-model rollouts; the judge accepts "
              f"{sum(r['judge_p'] > 0.5 for r in judged) / n:.1%} as consistent (mean P "
              f"{statistics.fmean(r['judge_p'] for r in judged):.3f}) and sees "
              f"{sum(r['follows'] for r in judged) / n:.1%} follow their caption's camera", "",
              "| term | sd within a group | Spearman with the judge's P(consistent) (groups) | correlation with the "
-             "judge's camera verdict (groups) |", "|---|---|---|---|"]
-    for t in TERMS:
+             "judge's camera verdict (groups) | each group's best by the term: judge accepts / mean P / follows |",
+             "|---|---|---|---|---|"]
+    for t in (*TERMS, "judge_p"):
+        best = [max(g, key=lambda r: r[t]) for g in group_rows]
+        accepted, follows = (sum(r["judge_p"] > 0.5 for r in best) / len(best),
+                             sum(r["follows"] for r in best) / len(best))
+        top = f"{accepted:.1%} / {statistics.fmean(r['judge_p'] for r in best):.3f} / {follows:.1%}"
+        if t == "judge_p":
+            lines.append(f"| judge_p (the judge itself) | | | | {top} |")
+            continue
         sd = statistics.fmean(statistics.pstdev([r[t] for r in g]) for g in group_rows)
         cp = mean_se([corr(rank([r[t] for r in g]), rank([r["judge_p"] for r in g])) for g in group_rows])
         cf = mean_se([corr([r[t] for r in g], [float(r["follows"]) for r in g]) for g in group_rows])
-        lines.append(f"| {t} | {sd:.4f} | {cp[0]:+.3f} ± {cp[1]:.3f} ({cp[2]}) | {cf[0]:+.3f} ± {cf[1]:.3f} ({cf[2]}) |")
+        lines.append(f"| {t} | {sd:.4f} | {cp[0]:+.3f} ± {cp[1]:.3f} ({cp[2]}) "
+                     f"| {cf[0]:+.3f} ± {cf[1]:.3f} ({cf[2]}) | {top} |")
     return lines
 
 
