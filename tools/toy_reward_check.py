@@ -148,19 +148,17 @@ def group_report(group_rows):
              "| term | sd within a group | Spearman with the judge's P(consistent) (groups) | correlation with the "
              "judge's camera verdict (groups) | each group's best by the term: judge accepts / mean P / follows |",
              "|---|---|---|---|---|"]
-    for t in (*TERMS, "judge_p"):
-        best = [max(g, key=lambda r: r[t]) for g in group_rows]
-        accepted, follows = (sum(r["judge_p"] > 0.5 for r in best) / len(best),
-                             sum(r["follows"] for r in best) / len(best))
-        top = f"{accepted:.1%} / {statistics.fmean(r['judge_p'] for r in best):.3f} / {follows:.1%}"
-        if t == "judge_p":
-            lines.append(f"| judge_p (the judge itself) | | | | {top} |")
-            continue
+    def best(t):  # what the judge says of each group's best video by t
+        top = [max(g, key=lambda r: r[t]) for g in group_rows]
+        return (f"{sum(r['judge_p'] > 0.5 for r in top) / len(top):.1%} / "
+                f"{statistics.fmean(r['judge_p'] for r in top):.3f} / {sum(r['follows'] for r in top) / len(top):.1%}")
+    for t in TERMS:
         sd = statistics.fmean(statistics.pstdev([r[t] for r in g]) for g in group_rows)
         cp = mean_se([corr(rank([r[t] for r in g]), rank([r["judge_p"] for r in g])) for g in group_rows])
         cf = mean_se([corr([r[t] for r in g], [float(r["follows"]) for r in g]) for g in group_rows])
         lines.append(f"| {t} | {sd:.4f} | {cp[0]:+.3f} ± {cp[1]:.3f} ({cp[2]}) "
-                     f"| {cf[0]:+.3f} ± {cf[1]:.3f} ({cf[2]}) | {top} |")
+                     f"| {cf[0]:+.3f} ± {cf[1]:.3f} ({cf[2]}) | {best(t)} |")
+    lines.append(f"| judge_p (the judge itself) | | | | {best('judge_p')} |")
     return lines
 
 
