@@ -1,5 +1,6 @@
-"""The toy world (toyworld.py): the renderer against the geometry it draws, camera words against the noise warp,
-captions, corruptions and their labels, the held-out prompt split, a miniature build, and the committed weights.
+"""The toy world (toyworld.py, toytrain.py): the renderer against the geometry it draws, camera words against the
+noise warp, captions, corruptions and their labels, the held-out prompt split, a miniature build, and the committed
+weights.
 
     python -m pytest -q tests/test_toyworld.py
 """
@@ -17,6 +18,7 @@ import models
 import noise_warp
 import reward
 import toyworld as tw
+import toytrain as tt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,9 +153,9 @@ def test_a_mirrored_video_is_the_mirrored_motion():
     mirrored = tw.Scene([tw.Thing(t.shape, t.colour, t.scale, -t.x, t.z, -t.yaw) for t in scene.things])
     for motion in ("orbit_left", "pan_right", "move_left", "push_in"):
         a = tw.make_video(scene, motion)
-        b = tw.make_video(mirrored, tw.MIRROR.get(motion, motion))
-        flipped, camera = tw.mirror(a["depth"][None, :, None], torch.tensor([tw.MOTIONS.index(motion)]))
-        assert tw.MOTIONS[int(camera)] == tw.MIRROR.get(motion, motion)
+        b = tw.make_video(mirrored, tt.MIRROR.get(motion, motion))
+        flipped, camera = tt.mirror(a["depth"][None, :, None], torch.tensor([tw.MOTIONS.index(motion)]))
+        assert tw.MOTIONS[int(camera)] == tt.MIRROR.get(motion, motion)
         assert torch.allclose(flipped[0, :, 0], b["depth"], rtol=1e-4, atol=1e-3)
 
 
@@ -161,7 +163,7 @@ def test_jitter_moves_the_frame_not_the_scene():
     """The judge's other augmentation keeps both labels: every frame of a video is cut from the same shifted window
     of the frame with its edges repeated, so nothing changes over time that did not."""
     video = torch.rand(6, 9, 3, 12, 12, dtype=torch.float64)
-    out = tw.jitter(video, torch.Generator().manual_seed(0), pixels=2)
+    out = tt.jitter(video, torch.Generator().manual_seed(0), pixels=2)
     padded = F.pad(video.flatten(1, 2), (2, 2, 2, 2), mode="replicate").view(6, 9, 3, 16, 16)
     shifts = []
     for v, o in zip(padded, out):
@@ -169,7 +171,7 @@ def test_jitter_moves_the_frame_not_the_scene():
         assert len(hits) == 1  # one window for all nine frames
         shifts.append(hits[0])
     assert len(set(shifts)) > 1  # it does shift, and not all videos alike
-    assert torch.equal(tw.jitter(video, torch.Generator(), pixels=0), video)
+    assert torch.equal(tt.jitter(video, torch.Generator(), pixels=0), video)
 
 
 def test_the_judge_learns_the_same_in_bf16_as_in_float32(tmp_path):
@@ -180,7 +182,7 @@ def test_the_judge_learns_the_same_in_bf16_as_in_float32(tmp_path):
     losses = {}
     for bf16 in (False, True):
         path = tmp_path / f"judge_{bf16}.pt"
-        tw.train_judge(tw.build_judge(0), data["video"], data["corruption"] == 0, data["camera"], str(path), 4, 8,
+        tt.train_judge(tw.build_judge(0), data["video"], data["corruption"] == 0, data["camera"], str(path), 4, 8,
                        bf16=bf16)
         losses[bf16] = torch.as_tensor(torch.load(path, weights_only=True)["losses"])
     assert len(losses[True]) == 4 and torch.allclose(losses[True], losses[False], rtol=1e-3)
@@ -191,7 +193,7 @@ def test_an_edited_scene_differs_in_one_thing(seed):
     """edit_scene changes one attribute of one object, or drops one object of several; the caption then differs."""
     gen = torch.Generator().manual_seed(seed)
     scene = tw.sample_scene(gen, n=1 + seed % 3)
-    edited = tw.edit_scene(scene, gen)
+    edited = tt.edit_scene(scene, gen)
     assert tw.caption(edited, "pan_left") != tw.caption(scene, "pan_left")
     if len(edited.things) == len(scene.things):
         changed = [(a, b) for a, b in zip(scene.things, edited.things) if a != b]
@@ -209,20 +211,20 @@ def test_blur_is_torchvisions_gaussian_blur():
     x = torch.rand(3, 3, 32, 32)
     sigma = torch.tensor([0.8, 2.0, 5.0])
     want = torch.stack([gaussian_blur(x[i:i + 1], [19, 19], [float(s)] * 2)[0] for i, s in enumerate(sigma)])
-    torch.testing.assert_close(tw.blur(x, sigma), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tt.blur(x, sigma), want, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
 def small_preference():
     vae = models.build_toy(tw.WORDS).vae.eval()
-    return tw.build_hpsv3(seed=1)[0].eval(), tw.build_hpsv3()[1], tw.preference_data(vae, 6, seed=7)
+    return tt.build_hpsv3(seed=1)[0].eval(), tt.build_hpsv3()[1], tt.preference_data(vae, 6, seed=7)
 
 
 def test_preference_loss_is_log2_for_a_pair_of_equals(small_preference):
     """Bradley-Terry on identical pairs: P(pos > neg) = 1/2, so the loss is log 2 whatever the network."""
     hps, proc, data = small_preference
     frames = tw.to_unit(data["video"][:, 3])
-    loss = tw.preference_loss(hps, proc, frames, frames.clone(), data["caption"], 112 * 112)
+    loss = tt.preference_loss(hps, proc, frames, frames.clone(), data["caption"], 112 * 112)
     assert abs(loss.item() - math.log(2)) < 1e-5
 
 
@@ -234,10 +236,10 @@ def test_calibration_puts_preferred_at_ten_and_dispreferred_at_zero(small_prefer
     import reward
     hps, proc, data = small_preference
     hps = copy.deepcopy(hps)
-    report = tw.calibrate_preference(hps, proc, data, 112 * 112)
-    again = tw.calibrate_preference(copy.deepcopy(hps), proc, data, 112 * 112)  # on the calibrated network
+    report = tt.calibrate_preference(hps, proc, data, 112 * 112)
+    again = tt.calibrate_preference(copy.deepcopy(hps), proc, data, 112 * 112)  # on the calibrated network
     flipped = report["hps_calibration"]["scale"] < 0  # an untrained network may rank the dispreferred higher
-    for kind in tw.NEGATIVES:
+    for kind in tt.NEGATIVES:
         acc = report[f"hps_pair_acc_{kind}"]
         assert again[f"hps_pair_acc_{kind}"] == pytest.approx(1 - acc if flipped else acc)
     assert abs(again["hps_calibration"]["scale"] - 1) < 1e-3
@@ -245,9 +247,20 @@ def test_calibration_puts_preferred_at_ten_and_dispreferred_at_zero(small_prefer
     with torch.no_grad():
         mu = lambda x: hps(**reward.hpsv3_inputs(proc, x, data["caption"], 112 * 112))[:, 0]  # noqa: E731
         pos = mu(tw.to_unit(data["video"][:, 4]))
-        neg = torch.cat([mu(tw.negatives(data, torch.arange(n), torch.full((n,), 4), torch.full((n,), k), gen))
-                         for k in range(len(tw.NEGATIVES))])
+        neg = torch.cat([mu(tt.negatives(data, torch.arange(n), torch.full((n,), 4), torch.full((n,), k), gen))
+                         for k in range(len(tt.NEGATIVES))])
     assert abs(float(pos.mean()) - 10) < 1e-3 and abs(float(neg.mean())) < 1e-3
+
+
+def test_encoding_in_two_processes_gives_the_numbers_of_one():
+    """encode_all's chunks (two processes) against encode_videos over all the videos at once, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    videos, held = (torch.randint(256, (n, 9, 3, 32, 32), generator=gen, dtype=torch.uint8) for n in (40, 8))
+    vae = models.build_toy(tw.WORDS).vae
+    enc = tt.encode_all(vae, dict(video=videos), dict(video=held), jobs=2, chunk=32)
+    latents, recon = tt.encode_videos(vae, videos)
+    assert torch.equal(enc["latents"], latents) and torch.equal(enc["recon"], recon)
+    assert torch.equal(enc["heldout_recon"], tt.encode_videos(vae, held)[1])
 
 
 @pytest.mark.full
@@ -266,7 +279,7 @@ def test_a_miniature_build_trains_every_stage_and_writes_loadable_networks(tmp_p
     assert gs_cfg is None and isinstance(tw.load_judge(str(out)), tw.Judge)
     hps, _ = models.load_hpsv3(str(out / "hps"), str(out / "hps_backbone"), dtype=torch.float32)
     assert isinstance(hps, models.HPSv3Reward)
-    assert set(report) >= {f"hps_pair_acc_{k}" for k in tw.NEGATIVES}
+    assert set(report) >= {f"hps_pair_acc_{k}" for k in tt.NEGATIVES}
     assert (tmp_path / "prompts" / "toy_test.txt").read_text().count("\n") == tw.BUILD["quick"]["prompts"][1]
     # one stage again (--only_judge, its stage checkpoint removed): the same judge, bit for bit, and the same report
     first = (out / "judge.safetensors").read_bytes()
@@ -302,7 +315,7 @@ def test_the_committed_judge_knows_fresh_ground_truth():
     accuracy on the 1,000 held-out videos; this checks 54 fresh ones against a looser bound."""
     data = tw.make_dataset(54, seed=12345)
     vae = models.load_wan(models.SIZES["toy"]["model"], "cpu").vae
-    _, recon = tw.encode_videos(vae, data["video"])
+    _, recon = tt.encode_videos(vae, data["video"])
     p, seen = tw.judge_videos(tw.load_judge(), tw.to_unit(recon))
     assert ((p > 0.5) == (data["corruption"] == 0)).float().mean() >= 0.75
     assert (seen == data["camera"]).float().mean() >= 0.8
@@ -314,9 +327,9 @@ def test_the_committed_preference_model_ranks_fresh_pairs():
     other kinds on average. build.json holds the accuracies on 300 held-out scenes; this checks 24 fresh ones."""
     critics = models.load_reward_models("toy")
     vae = models.load_wan(models.SIZES["toy"]["model"], "cpu").vae
-    data = tw.preference_data(vae, 24, seed=12345)
-    report = tw.calibrate_preference(critics.hps, critics.hps_proc, data, critics.hps_pixels)
-    for kind in tw.NEGATIVES:
+    data = tt.preference_data(vae, 24, seed=12345)
+    report = tt.calibrate_preference(critics.hps, critics.hps_proc, data, critics.hps_pixels)
+    for kind in tt.NEGATIVES:
         assert report[f"hps_pair_acc_{kind}"] >= (0.6 if kind == "edited" else 0.8), (kind, report)
 
 
@@ -333,7 +346,7 @@ def test_s_recon_prefers_a_consistent_video_to_its_corrupted_self():
         scene, motion = tw.sample_scene(gen), tw.MOTIONS[s % len(tw.MOTIONS)]
         videos = [tw.make_video(scene, motion, corruption=c, gen=torch.Generator().manual_seed(s))
                   for c in (None, *tw.CORRUPTIONS)]
-        _, recon = tw.encode_videos(vae, torch.stack([(v["video"] * 255).round().to(torch.uint8) for v in videos]))
+        _, recon = tt.encode_videos(vae, torch.stack([(v["video"] * 255).round().to(torch.uint8) for v in videos]))
         lifts = [reward.lift(critics, v) for v in tw.to_unit(recon)]
         s_recon = [reward.s_recon(critics, lf) for lf in lifts]
         wins += [s_recon[0] > x for x in s_recon[1:]]

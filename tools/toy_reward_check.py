@@ -1,6 +1,6 @@
 """
 What the toy world's reward sees, against its held-out judge: the numbers behind BENCHMARKS.md, "What the toy
-reward sees". Imports common, models, sample, reward, noise_warp and toyworld.
+reward sees". Imports common, models, sample, reward, noise_warp, toyworld and toytrain.
 
     python tools/toy_reward_check.py --scenes 60 --groups 16      # about 10 minutes on one core
 
@@ -32,6 +32,7 @@ import noise_warp  # noqa: E402
 import reward  # noqa: E402
 import sample  # noqa: E402
 import toyworld as tw  # noqa: E402
+import toytrain as tt  # noqa: E402
 
 TERMS = ("S_recon", "S_traj", "R_gen", "total")
 KINDS = (*tw.CORRUPTIONS, "camera")  # what a pair's second video has that the first has not
@@ -58,7 +59,7 @@ def pairs(wan, critics, judge, n, seed):
         videos += [tw.make_video(scene, motion, corruption=c, gen=torch.Generator().manual_seed(seed + s))
                    for c in tw.CORRUPTIONS]
         videos.append(tw.make_video(scene, motion, camera=others[s % len(others)]))
-        _, recon = tw.encode_videos(wan.vae, torch.stack([(v["video"] * 255).round().to(torch.uint8) for v in videos]))
+        _, recon = tt.encode_videos(wan.vae, torch.stack([(v["video"] * 255).round().to(torch.uint8) for v in videos]))
         out = scored(critics, judge, tw.to_unit(recon), [v["caption"] for v in videos], [[motion]] * len(videos))
         rows.append(dict(zip(("none", *KINDS), out)))
         print(f"[pairs] scene {s + 1}/{n}", flush=True)
