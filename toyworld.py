@@ -592,7 +592,7 @@ def main(argv=None):
     # Two lanes of about equal length (BENCHMARKS.md), the first in a second process when there are two jobs:
     # 3. the base model (text encoder + transformer on the latents of the mixed videos), then 6. the preference model;
     # 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras), then 5. the judge
-    # (ground truth only, decoded by the VAE like everything it will judge). Each lane's times go to a file.
+    # (ground truth only, decoded by the VAE like everything it will judge). The first lane reports through files.
     os.makedirs(args.out, exist_ok=True)
 
     def first_lane():
