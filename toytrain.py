@@ -11,8 +11,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from toyworld import (COLOURS, FOCAL, MOTIONS, SCALES, SCENE_DEPTH, SHAPES, TARGET_Z, WORDS, Scene, judge_videos,
-                      make_dataset, sample_scene, to_unit)
+from toyworld import (COLOURS, FOCAL, MOTIONS, SCALES, SCENE_DEPTH, SHAPES, TARGET_Z, WORDS, Scene, fork_pool,
+                      judge_videos, make_dataset, sample_scene, to_unit)
 
 # -----------------------------------------------------------------------------
 # The loop every stage runs
@@ -445,10 +445,9 @@ def encode_all(vae, data, heldout, jobs=1, chunk=1024):
     """The training videos' latents and reconstructions, and the held-out videos' reconstructions (encode_videos), in
     chunks of `chunk` videos, `jobs` processes at a time. A chunk is a whole number of encode_videos' batches, so
     each batch is the same and so is every number, for any number of jobs."""
-    import multiprocessing
     parts = [*data["video"].split(chunk), *heldout["video"].split(chunk)]
     if jobs > 1:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        with fork_pool(jobs) as pool:
             out = pool.starmap(encode_videos, [(vae, part) for part in parts])
     else:
         out = [encode_videos(vae, part) for part in parts]

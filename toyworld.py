@@ -369,14 +369,20 @@ def to_unit(video_u8):
     return video_u8.float() / 255
 
 
+def fork_pool(jobs):
+    """A pool of `jobs` forked processes, each on one torch thread: a process forked after torch has run on several
+    OpenMP threads hangs in its first parallel region unless it runs on one (GNU OpenMP keeps the parent's pool)."""
+    import multiprocessing
+    return multiprocessing.get_context("fork").Pool(jobs, initializer=torch.set_num_threads, initargs=(1,))
+
+
 def make_dataset_parallel(n, seed, jobs, chunk=250):
     """make_dataset in chunks of `chunk` videos (chunk i seeded seed * 1000 + i), `jobs` processes at a time: the
     same videos for any number of jobs."""
-    import multiprocessing
     sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
     work = [(size, seed * 1000 + i) for i, size in enumerate(sizes)]
     if jobs > 1:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        with fork_pool(jobs) as pool:
             parts = pool.starmap(make_dataset, work)
     else:
         parts = [make_dataset(*w) for w in work]
@@ -503,8 +509,8 @@ def main(argv=None):
     p.add_argument("--work", default="out/toyworld", help="data sets and resumable stage checkpoints")
     p.add_argument("--quick", action="store_true", help="a miniature of every stage (tests)")
     p.add_argument("--seed", type=int, default=0, help="every draw derives from it")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (these small networks run "
-                   "fastest on one; a second thread mostly waits)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process; forked ones run on "
+                   "one (these small networks run fastest on one; a second thread mostly waits)")
     p.add_argument("--jobs", type=int, default=2, help="processes: the data is rendered and encoded, and the base "
                    "model trained beside the critics, in this many (one per core)")
     p.add_argument("--prompts", default="prompts", help="folder for toy_train.txt and toy_test.txt")
@@ -642,9 +648,10 @@ def main(argv=None):
 
 
 def side_job(fn):
-    """Run fn() in a forked process (it inherits the data, and one torch thread); returns the process."""
+    """Run fn() in a forked process on one torch thread (it inherits the data; fork_pool says why one); returns the
+    process."""
     import multiprocessing
-    proc = multiprocessing.get_context("fork").Process(target=fn)
+    proc = multiprocessing.get_context("fork").Process(target=lambda: (torch.set_num_threads(1), fn()))
     proc.start()
     return proc
 

@@ -252,15 +252,26 @@ def test_calibration_puts_preferred_at_ten_and_dispreferred_at_zero(small_prefer
     assert abs(float(pos.mean()) - 10) < 1e-3 and abs(float(neg.mean())) < 1e-3
 
 
+ENCODE_IN_TWO = """
+import torch, models, toyworld as tw, toytrain as tt
+torch.set_num_threads(2)  # the parent has run on two OpenMP threads before it forks (what hung: fork_pool)
+torch.nn.functional.conv3d(torch.randn(4, 16, 9, 32, 32), torch.randn(16, 16, 3, 3, 3), padding=1)
+gen = torch.Generator().manual_seed(0)
+videos, held = (torch.randint(256, (n, 9, 3, 32, 32), generator=gen, dtype=torch.uint8) for n in (40, 8))
+vae = models.build_toy(tw.WORDS).vae
+enc = tt.encode_all(vae, dict(video=videos), dict(video=held), jobs=2, chunk=32)
+torch.set_num_threads(1)
+latents, recon = tt.encode_videos(vae, videos)
+assert torch.equal(enc["latents"], latents) and torch.equal(enc["recon"], recon)
+assert torch.equal(enc["heldout_recon"], tt.encode_videos(vae, held)[1])
+"""
+
+
 def test_encoding_in_two_processes_gives_the_numbers_of_one():
-    """encode_all's chunks (two processes) against encode_videos over all the videos at once, bit for bit."""
-    gen = torch.Generator().manual_seed(0)
-    videos, held = (torch.randint(256, (n, 9, 3, 32, 32), generator=gen, dtype=torch.uint8) for n in (40, 8))
-    vae = models.build_toy(tw.WORDS).vae
-    enc = tt.encode_all(vae, dict(video=videos), dict(video=held), jobs=2, chunk=32)
-    latents, recon = tt.encode_videos(vae, videos)
-    assert torch.equal(enc["latents"], latents) and torch.equal(enc["recon"], recon)
-    assert torch.equal(enc["heldout_recon"], tt.encode_videos(vae, held)[1])
+    """encode_all's chunks in two forked processes against encode_videos over all the videos at once, bit for bit,
+    forked from a process that ran on two threads (in a process of its own, so that a hang fails by its timeout)."""
+    proc = subprocess.run([sys.executable, "-c", ENCODE_IN_TWO], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.full
