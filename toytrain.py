@@ -445,13 +445,14 @@ def encode_all(vae, data, heldout, jobs=1, chunk=1024):
     """The training videos' latents and reconstructions, and the held-out videos' reconstructions (encode_videos), in
     chunks of `chunk` videos, `jobs` processes at a time. A chunk is a whole number of encode_videos' batches, so
     each batch is the same and so is every number, for any number of jobs."""
-    parts = [*data["video"].split(chunk), *heldout["video"].split(chunk)]
+    train = data["video"].split(chunk)
+    parts = [*train, *heldout["video"].split(chunk)]
     if jobs > 1:
         with fork_pool(jobs) as pool:
             out = pool.starmap(encode_videos, [(vae, part) for part in parts])
     else:
         out = [encode_videos(vae, part) for part in parts]
-    k = len(data["video"].split(chunk))
+    k = len(train)
     return dict(latents=torch.cat([z for z, _ in out[:k]]), recon=torch.cat([y for _, y in out[:k]]),
                 heldout_recon=torch.cat([y for _, y in out[k:]]))
 

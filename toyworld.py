@@ -544,15 +544,13 @@ def main(argv=None):
         print(f"[build] {stage} done in {seconds[stage]:.0f} s", flush=True)
         return out
 
-    def preference(vae):  # 6. the preference model, on frames the VAE decoded; its report also goes to a file
+    def preference(vae):  # 6. the preference model, on frames the VAE decoded
         data = cached("hps_data.pt", lambda: preference_data(vae, cfg["hps_scenes"][0], args.seed + 2))
         held = cached("hps_heldout.pt", lambda: preference_data(vae, cfg["hps_scenes"][1], args.seed + 3))
         hps, proc = build_hpsv3(seed=args.seed)
         train_preference(hps, proc, data, work("hps.pt"), *cfg["hps"], pixels=pixels, seed=args.seed)
         report = calibrate_preference(hps, proc, held, pixels, seed=args.seed)
         standins.save_hpsv3(hps, proc, os.path.join(args.out, "hps"), os.path.join(args.out, "hps_backbone"))
-        with open(work("hps_report.json"), "w") as f:
-            json.dump(report, f)
         return report
 
     def judged(data, enc):  # 5. the judge, on ground truth decoded by the VAE; resumes a finished stage at once
@@ -598,15 +596,15 @@ def main(argv=None):
     # Two lanes of about equal length (BENCHMARKS.md), the first in a second process when there are two jobs:
     # 3. the base model (text encoder + transformer on the latents of the mixed videos), then 6. the preference model;
     # 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras), then 5. the judge
-    # (ground truth only, decoded by the VAE like everything it will judge). The first lane reports through files.
+    # (ground truth only, decoded by the VAE like everything it will judge). The first lane reports through a file.
     os.makedirs(args.out, exist_ok=True)
 
     def first_lane():
         timed("t2v", lambda: train_t2v(wan, latents, data["caption"], work("t2v.pt"), *cfg["t2v"],
                                        text_len=models.SIZES["toy"]["text_len"], seed=args.seed))
-        timed("hps", lambda: preference(wan.vae))
-        with open(work("first_lane_seconds.json"), "w") as f:
-            json.dump({k: seconds[k] for k in ("t2v", "hps")}, f)
+        report = timed("hps", lambda: preference(wan.vae))
+        with open(work("first_lane.json"), "w") as f:
+            json.dump(dict(seconds={k: seconds[k] for k in ("t2v", "hps")}, hps_report=report), f)
     side = side_job(first_lane) if args.jobs > 1 else first_lane()
     da3, _ = models.build_toy_da3()
     timed("da3", lambda: train_da3(da3, data["video"], enc["recon"], data["depth"], data["c2w"], work("da3.pt"),
@@ -614,16 +612,15 @@ def main(argv=None):
     judge = timed("judge", lambda: judged(data, enc))
     if args.jobs > 1:
         timed("wait for the first lane", lambda: side_job_done(side, "the base model or the preference model"))
-    with open(work("first_lane_seconds.json")) as f:  # what the first lane measured
-        seconds.update(json.load(f))
-    with open(work("hps_report.json")) as f:
-        hps_report = json.load(f)
+    with open(work("first_lane.json")) as f:  # what the first lane measured
+        first = json.load(f)
+    seconds.update(first["seconds"])
     state = torch.load(work("t2v.pt"), weights_only=True)  # its last save (trained in the other process, or here)
     wan.transformer.load_state_dict(state["transformer"])
     wan.text_encoder.load_state_dict(state["text_encoder"])
     # 7. Export: the networks in their released layouts, the prompts, and what the build measured
     report = evaluate_stages(wan, da3, judge, heldout, enc["heldout_recon"])
-    report.update(hps_report)
+    report.update(first["hps_report"])
     for m in (wan.transformer, wan.text_encoder, wan.vae):
         m.requires_grad_(False)
     standins.save_pretrained(wan, os.path.join(args.out, "wan"))
