@@ -510,7 +510,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a miniature of every stage (tests)")
     p.add_argument("--seed", type=int, default=0, help="every draw derives from it")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process; forked ones run on "
-                   "one (these small networks run fastest on one; a second thread mostly waits)")
+                   "one (these small networks gain little from a second thread), and the VAE, which trains alone, on "
+                   "--jobs")
     p.add_argument("--jobs", type=int, default=2, help="processes: the data is rendered and encoded, and the base "
                    "model trained beside the critics, in this many (one per core)")
     p.add_argument("--prompts", default="prompts", help="folder for toy_train.txt and toy_test.txt")
@@ -585,9 +586,13 @@ def main(argv=None):
     heldout = timed("heldout", lambda: cached("heldout.pt", lambda: make_dataset_parallel(
         cfg["heldout"], args.seed + 1, args.jobs)))
     # 2. The VAE, then every video's latents and its reconstruction
+    # (nothing else runs while the VAE trains, so it takes every core: on two its steps are about 1.2x as fast as on
+    # one, BENCHMARKS.md; the processes forked from here on run on one thread, fork_pool says why)
     wan = models.build_toy(WORDS, seed=args.seed)
+    torch.set_num_threads(max(args.threads, args.jobs))
     timed("vae", lambda: train_vae(wan.vae, data, work("vae.pt"), images=cfg["vae_images"], clips=cfg["vae_clips"],
                                    seed=args.seed))
+    torch.set_num_threads(args.threads)
 
     enc = timed("encode", lambda: cached("encoded.pt", lambda: encode_all(wan.vae, data, heldout, args.jobs)))
     mean, std = enc["latents"].mean((0, 2, 3, 4)), enc["latents"].std((0, 2, 3, 4))

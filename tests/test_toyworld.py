@@ -175,9 +175,9 @@ def test_jitter_moves_the_frame_not_the_scene():
 
 
 def test_the_judge_learns_the_same_in_bf16_as_in_float32(tmp_path):
-    """train_judge's bf16 autocast (the default where the CPU has AMX) changes rounding, not what is learnt: from one
-    initialisation, on the same batches, each step's loss agrees with float32's to 0.1% (a loss rounded to bf16
-    would not)."""
+    """train_judge's bf16 autocast (the default where the CPU has bf16 units) changes rounding, not what is learnt:
+    from one initialisation, on the same batches, each step's loss agrees with float32's to 0.1% (a loss rounded to
+    bf16 would not)."""
     data = tw.make_dataset(16, seed=7)
     losses = {}
     for bf16 in (False, True):
