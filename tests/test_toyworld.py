@@ -394,3 +394,25 @@ def test_the_reward_check_reports_what_the_judge_says_of_each_groups_best():
     lines = {line.split(" |")[0]: line for line in group_report(groups)}
     assert lines["| S_recon"].endswith("| 50.0% / 0.550 / 50.0% |")
     assert lines["| judge_p (the judge itself)"].endswith("| 100.0% / 0.800 / 100.0% |")
+
+
+@pytest.mark.full
+def test_the_reward_check_scores_held_out_views_without_changing_the_reward():
+    """--novel_view lifts each video once and hands the lift to reward.score: every reward term is what score gives
+    when it lifts the video itself, and S_nv = 1 - NV_LPIPS of evaluate.novel_view_metrics on a lift of its own.
+    Two ground-truth videos of one scene, decoded by the committed VAE: the consistent one and its drifting self."""
+    from tools.toy_reward_check import TERMS, scored
+    import evaluate
+    wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
+    critics, judge = models.load_reward_models("toy"), tw.load_judge()
+    scene = tw.sample_scene(torch.Generator().manual_seed(5))
+    videos = [tw.make_video(scene, "orbit_left", corruption=c, gen=torch.Generator().manual_seed(5))
+              for c in (None, "drift")]
+    _, recon = tt.encode_videos(wan.vae, torch.stack([(v["video"] * 255).round().to(torch.uint8) for v in videos]))
+    videos, captions = tw.to_unit(recon), [v["caption"] for v in videos]
+    plain = scored(critics, judge, videos, captions, [["orbit_left"]] * 2)
+    with_nv = scored(critics, judge, videos, captions, [["orbit_left"]] * 2, novel_view=True)
+    for a, b, video in zip(plain, with_nv, videos):
+        assert {t: a[t] for t in TERMS} == {t: b[t] for t in TERMS} and "S_nv" not in a
+        nv = evaluate.novel_view_metrics(critics, video, reward.lift(critics, video))
+        assert b["S_nv"] == pytest.approx(1 - nv["NV_LPIPS"], abs=1e-6) and b["NV_PSNR"] == pytest.approx(nv["NV_PSNR"])

@@ -3,6 +3,7 @@ What the toy world's reward sees, against its held-out judge: the numbers behind
 reward sees". Imports common, models, sample, reward, noise_warp, toyworld and toytrain.
 
     python tools/toy_reward_check.py --scenes 60 --groups 16      # about 10 minutes on one core
+    python tools/toy_reward_check.py --novel_view                 # with the held-out-view terms: about 10 minutes
 
 1. Pairs (ground truth): per fresh scene and camera word, the consistent video and its corrupted versions (each
    corruption of toyworld.CORRUPTIONS, and a camera that moves another way), all decoded by the toy VAE as
@@ -13,6 +14,9 @@ reward sees". Imports common, models, sample, reward, noise_warp, toyworld and t
    the terms, so a term moves the policy in proportion to that spread), and its within-group rank correlation with
    the judge's P(consistent) and agreement with the judge's camera verdict; and the judge's verdict on each
    group's best video by that term, beside each group's best by the judge itself (what any reward could pick).
+--novel_view adds two candidate terms that no reward uses: evaluate.py's held-out-view reconstruction (the even
+frames lifted, their Gaussians rendered at the odd frames' cameras), as S_nv = 1 - NV_LPIPS (S_recon's form on
+views no Gaussian was fitted to) and NV_PSNR.
 """
 import argparse
 import json
@@ -35,20 +39,29 @@ import toyworld as tw  # noqa: E402
 import toytrain as tt  # noqa: E402
 
 TERMS = ("S_recon", "S_traj", "R_gen", "total")
+NOVEL_VIEW = ("S_nv", "NV_PSNR")  # --novel_view's candidate terms (scored)
 KINDS = (*tw.CORRUPTIONS, "camera")  # what a pair's second video has that the first has not
 
 
-def scored(critics, judge, videos, captions, motions):
-    """Reward terms (toy settings) and the judge's verdicts for float videos (N, F, 3, H, W) in [0, 1]."""
+def scored(critics, judge, videos, captions, motions, novel_view=False):
+    """Reward terms (toy settings) and the judge's verdicts for float videos (N, F, 3, H, W) in [0, 1]; with
+    novel_view, NOVEL_VIEW's terms too (evaluate.novel_view_metrics on the same lift the reward made)."""
     paths = [noise_warp.requested_path(m, videos.shape[1]) for m in motions]
-    scores, _ = reward.score(critics, videos, captions, paths, **reward.defaults("toy"))
+    lifts = [reward.lift(critics, v) for v in videos] if novel_view else None  # one lift for both
+    scores, _ = reward.score(critics, videos, captions, paths, lifts=lifts, **reward.defaults("toy"))
     p, seen = tw.judge_videos(judge, videos)
     follows = [int(s) == tw.MOTIONS.index(m[0]) for s, m in zip(seen, motions)]
-    return [dict({t: float(scores[t][i]) for t in TERMS}, judge_p=float(p[i]), follows=follows[i])
+    rows = [dict({t: float(scores[t][i]) for t in TERMS}, judge_p=float(p[i]), follows=follows[i])
             for i in range(len(videos))]
+    if novel_view:
+        import evaluate
+        for row, video, lift in zip(rows, videos, lifts):
+            nv = evaluate.novel_view_metrics(critics, video, lift)
+            row.update(S_nv=1 - nv["NV_LPIPS"], NV_PSNR=nv["NV_PSNR"])
+    return rows
 
 
-def pairs(wan, critics, judge, n, seed):
+def pairs(wan, critics, judge, n, seed, novel_view=False):
     """Per scene: the consistent video, then one per KINDS; rows of scores."""
     gen, rows = torch.Generator().manual_seed(seed), []
     for s in range(n):
@@ -60,13 +73,14 @@ def pairs(wan, critics, judge, n, seed):
                    for c in tw.CORRUPTIONS]
         videos.append(tw.make_video(scene, motion, camera=others[s % len(others)]))
         _, recon = tt.encode_videos(wan.vae, torch.stack([(v["video"] * 255).round().to(torch.uint8) for v in videos]))
-        out = scored(critics, judge, tw.to_unit(recon), [v["caption"] for v in videos], [[motion]] * len(videos))
+        out = scored(critics, judge, tw.to_unit(recon), [v["caption"] for v in videos], [[motion]] * len(videos),
+                     novel_view)
         rows.append(dict(zip(("none", *KINDS), out)))
         print(f"[pairs] scene {s + 1}/{n}", flush=True)
     return rows
 
 
-def groups(wan, critics, judge, n, group_size=8, steps=10, window=2, guidance=5.0):
+def groups(wan, critics, judge, n, group_size=8, steps=10, window=2, guidance=5.0, novel_view=False):
     """n groups of base-model rollouts of the first n RL captions (seeded by group index, the SDE window starting
     anywhere in the first half, as train.py draws it); rows of scores per group."""
     with open(os.path.join(ROOT, models.SIZES["toy"]["train_prompts"])) as f:
@@ -85,7 +99,8 @@ def groups(wan, critics, judge, n, group_size=8, steps=10, window=2, guidance=5.
                                         window_start=j % (steps // 2 - window + 1),
                                         generator=gen, inject=inject)
             videos = sample.decode(wan.vae, latents).float().clamp(0, 1)
-            out.append(scored(critics, judge, videos, [caption] * group_size, [motions or ["fixed"]] * group_size))
+            out.append(scored(critics, judge, videos, [caption] * group_size, [motions or ["fixed"]] * group_size,
+                              novel_view))
             print(f"[groups] group {j + 1}/{n}", flush=True)
     return out
 
@@ -123,15 +138,20 @@ def report(pair_rows, group_rows):
     return "\n".join(lines)
 
 
+def terms(row):
+    """The terms a row holds: TERMS, and NOVEL_VIEW's when it was scored with them."""
+    return [t for t in (*TERMS, *NOVEL_VIEW) if t in row]
+
+
 def pair_report(pair_rows):
     lines = ["Pairs: P(the consistent video scores higher) per corruption, ground truth decoded by the VAE "
              f"({len(pair_rows)} scenes)", "", "| term | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
-    for t in (*TERMS, "judge_p"):
+    for t in (*terms(pair_rows[0]["none"]), "judge_p"):
         wins = [statistics.fmean(1.0 if r["none"][t] > r[k][t] else 0.5 if r["none"][t] == r[k][t] else 0.0
                                  for r in pair_rows) for k in KINDS]
         lines.append(f"| {t} | " + " | ".join(f"{w:.2f}" for w in wins) + " |")
     lines += ["", "Means per kind", "", "| term | none | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 2) + "|"]
-    for t in (*TERMS, "judge_p"):
+    for t in (*terms(pair_rows[0]["none"]), "judge_p"):
         lines.append(f"| {t} | " + " | ".join(f"{statistics.fmean(r[k][t] for r in pair_rows):.3f}"
                                                for k in ("none", *KINDS)) + " |")
     return lines + [""]
@@ -153,7 +173,7 @@ def group_report(group_rows):
         top = [max(g, key=lambda r: r[t]) for g in group_rows]
         return (f"{sum(r['judge_p'] > 0.5 for r in top) / len(top):.1%} / "
                 f"{statistics.fmean(r['judge_p'] for r in top):.3f} / {sum(r['follows'] for r in top) / len(top):.1%}")
-    for t in TERMS:
+    for t in terms(group_rows[0][0]):
         sd = statistics.fmean(statistics.pstdev([r[t] for r in g]) for g in group_rows)
         cp = mean_se([corr(rank([r[t] for r in g]), rank([r["judge_p"] for r in g])) for g in group_rows])
         cf = mean_se([corr([r[t] for r in g], [float(r["follows"]) for r in g]) for g in group_rows])
@@ -169,12 +189,14 @@ def main(argv=None):
     p.add_argument("--groups", type=int, default=16, help="groups of base-model rollouts (0: none)")
     p.add_argument("--seed", type=int, default=123, help="scene draws (a seed no build uses)")
     p.add_argument("--out", default="out/toy_reward_check.json", help="every row, as JSON")
+    p.add_argument("--novel_view", action="store_true", help="also score the held-out-view terms S_nv and NV_PSNR "
+                   "(evaluate.py's novel view), as candidates no reward uses")
     args = common.parse_flags(p, argv)
     torch.set_num_threads(1)
     wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
     critics, judge = models.load_reward_models("toy"), tw.load_judge()
-    pair_rows = pairs(wan, critics, judge, args.scenes, args.seed)
-    group_rows = groups(wan, critics, judge, args.groups)
+    pair_rows = pairs(wan, critics, judge, args.scenes, args.seed, args.novel_view)
+    group_rows = groups(wan, critics, judge, args.groups, novel_view=args.novel_view)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(pairs=pair_rows, groups=group_rows), f)
