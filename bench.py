@@ -1,6 +1,6 @@
 """
 Speed of every stage of one World-R1 RL step, and the figures BENCHMARKS.md records.
-Imports common, models, standins, sample, reward, splat, grpo and noise_warp. Its commands: README.md.
+Imports common, models, standins, sample, reward, splat, grpo, noise_warp and toyworld. Its commands: README.md.
 
 Each stage is timed as the median of `--repeats` runs after one warm-up (CUDA events on GPU, perf_counter on
 CPU); at 832x480x81 the multi-step stages (loop, rollout, release) run minutes each and get no warm-up run.
@@ -31,6 +31,7 @@ import reward
 import sample
 import splat
 import standins
+import toyworld
 
 # The release's rollout schedule (microsoft/World-R1 config/world_r1.py, scripts/train_world_r1.py):
 # 50 full UniPC steps per sample, groups of 2, the first 24 steps trained for every sample, one optimizer step per epoch.
@@ -319,11 +320,18 @@ def main(argv):
                                                random_weights=args.random_weights, depth=args.depth,
                                                process_res=lift_res)
             print(splat.check_renderer(device), flush=True)  # builds gsplat outside the timing, as train.py does
-            video = torch.rand(args.group_size if args.size == "tiny" else 1, frames, 3, height, width, device=device)
-            path = noise_warp.camera_path(noise_warp.parse_camera(prompt), frames)
-            row(f"reward.score ({video.shape[0]} videos)",
-                timeit(lambda: reward.score(critics, video, [prompt] * len(video), [path] * len(video),
-                                            **reward.defaults(args.size)), args.repeats))
+            if args.size == "toy":  # a group of toy-world scenes with their captions: what train.py's reward sees
+                data = toyworld.make_dataset(args.group_size, seed=0, frames=frames, size=height)
+                video, prompts = toyworld.to_unit(data["video"]).to(device), data["caption"]
+                what = "toy scenes"
+            else:  # noise; one video past tiny, where a full-size group would take minutes
+                video = torch.rand(args.group_size if args.size == "tiny" else 1, frames, 3, height, width,
+                                   device=device)
+                prompts, what = [prompt] * len(video), "videos"
+            paths = [noise_warp.camera_path(noise_warp.parse_camera(p), frames) for p in prompts]
+            row(f"reward.score ({video.shape[0]} {what})",
+                timeit(lambda: reward.score(critics, video, prompts, paths, **reward.defaults(args.size)),
+                       args.repeats))
     if failed:
         raise SystemExit(f"error: stage {', '.join(failed)} failed (above); the other stages' figures are "
                          + (f"in {args.json}" if args.json else "printed above"))

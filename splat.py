@@ -83,9 +83,11 @@ def _render_torch(gauss, viewmats, Ks, H, W, max_pairs=1 << 22):
             y0 = (c2[:, 1] - ry - 0.5).ceil().clamp(0, H).long()
             y1 = (c2[:, 1] + ry - 0.5).floor().add(1).clamp(0, H).long()
         bw, cnt = x1 - x0, ((x1 - x0) * (y1 - y0)).clamp_min(0)
-        log_t = torch.zeros(P, dtype=torch.float64, device=dev)  # log transmittance so far, per pixel
-        rgb = torch.zeros(P, col.shape[-1], dtype=torch.float64, device=dev)
-        dep = torch.zeros(P, dtype=torch.float64, device=dev)
+        # per Gaussian: its box's first pixel, and that pixel centre's offset from the splat's centre
+        corner, ox, oy = y0 * W + x0, x0.to(dt) + 0.5 - m2[:, 0], y0.to(dt) + 0.5 - m2[:, 1]
+        col_c = col.double().t().unbind(0)  # channels apart: gathers and products on 1-D runs of pairs are fast
+        zero = torch.zeros(P, dtype=torch.float64, device=dev)
+        log_t, dep, rgb = zero, zero, [zero] * len(col_c)  # log transmittance so far, depth and colour, per pixel
         ends = torch.cumsum(cnt, 0)
         marks = torch.tensor(range(max_pairs, int(ends[-1]) if len(ends) else 0, max_pairs), device=dev)
         cuts = torch.searchsorted(ends, marks, right=True).tolist()
@@ -95,27 +97,32 @@ def _render_torch(gauss, viewmats, Ks, H, W, max_pairs=1 << 22):
                 continue
             n = cnt[a:b]
             gl = torch.repeat_interleave(torch.arange(a, b, device=dev), n)  # pair -> sorted-visible index
-            local = torch.arange(len(gl), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+            if not len(gl):  # every box of the chunk is empty (clipped at the image's edge)
+                continue
+            local = torch.arange(len(gl), device=dev) - at(torch.cumsum(n, 0) - n, gl - a)  # place in its box
             w_box = at(bw, gl)
-            pix = (at(y0, gl) + local // w_box) * W + at(x0, gl) + local % w_box
-            pix, o = torch.sort(pix, stable=True)  # stable: each pixel's run stays front to back
-            gl = at(gl, o)
-            d = torch.stack([pix % W, pix // W], -1).to(dt) + 0.5 - at(m2, gl)
+            row = torch.div(local, w_box, rounding_mode="floor")
+            colx = local - row * w_box
+            pix = at(corner, gl) + row * W + colx
+            # alpha of every pair (its order does not matter yet), then the pairs sorted by pixel
+            dx, dy = at(ox, gl) + colx, at(oy, gl) + row
             cn = at(cn_v, gl)
-            sigma = 0.5 * (cn[:, 0] * d[:, 0] ** 2 + cn[:, 2] * d[:, 1] ** 2) + cn[:, 1] * d[:, 0] * d[:, 1]
+            sigma = 0.5 * (cn[:, 0] * dx * dx + cn[:, 2] * dy * dy) + cn[:, 1] * dx * dy
             alpha = torch.clamp_max(at(op, gl) * torch.exp(-sigma), 0.999)
-            alpha = torch.where((sigma >= 0) & (alpha >= 1 / 255), alpha, torch.zeros_like(alpha)).double()
+            alpha = torch.where((sigma >= 0) & (alpha >= 1 / 255), alpha, 0).double()
+            pix, o = torch.sort(pix, stable=True)  # stable: each pixel's run stays front to back
+            gl, alpha = at(gl, o), at(alpha, o)
             la = torch.log1p(-alpha)
             ex = torch.cumsum(la, 0) - la  # exclusive cumsum over the whole chunk
-            first = torch.ones_like(pix, dtype=torch.bool)
-            first[1:] = pix[1:] != pix[:-1]
-            start = torch.cummax(torch.where(first, torch.arange(len(pix), device=dev), 0), 0).values
-            wgt = alpha * torch.exp(ex - at(ex, start) + at(log_t, pix))  # transmittance in front of each pair
-            rgb = rgb.index_add(0, pix, wgt[:, None] * at(col, gl).double())
-            dep = dep.index_add(0, pix, wgt * at(zv, gl))
+            runs = torch.bincount(pix, minlength=P)
+            first = (torch.cumsum(runs, 0) - runs).clamp_max(len(pix) - 1)  # each pixel's first pair
+            # transmittance in front of each pair: exp(its pixel's log_t + the la of the pairs before it in its run)
+            wgt = alpha * torch.exp(ex + at(log_t - at(ex, first), pix))
+            rgb = [r.index_add(0, pix, at(ch, gl) * wgt) for r, ch in zip(rgb, col_c)]
+            dep = dep.index_add(0, pix, at(zv, gl) * wgt)
             log_t = log_t.index_add(0, pix, la)
         acc = 1 - torch.exp(log_t)
-        rgbs.append(rgb.to(dt).view(H, W, -1))
+        rgbs.append(torch.stack(rgb, -1).to(dt).view(H, W, -1))
         alphas.append(acc.to(dt).view(H, W, 1))
         depths.append((dep / acc.clamp_min(1e-10)).to(dt).view(H, W, 1))
     return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)

@@ -134,3 +134,13 @@ def test_train_stage_checkpoints_where_train_py_does(tmp_path, monkeypatch, flag
     bench.main(["--stages", "train", "--repeats", "1", "--json", str(out)] + flag)
     assert json.loads(out.read_text())["rows"][0]["grad_checkpointing"] is recomputed
     assert len(calls) == (4 if recomputed else 2)  # warm-up + 1 timed micro-step
+
+
+@pytest.mark.full
+def test_toy_reward_stage_scores_toy_scenes(tmp_path):
+    """On --size=toy the reward stage scores toy-world scenes with their own captions (the committed critics), not
+    noise: the row names them and its time is positive."""
+    out = tmp_path / "toy.json"
+    bench.main(["--size=toy", "--stages", "reward", "--repeats", "1", "--group_size", "2", "--json", str(out)])
+    row, = json.loads(out.read_text())["rows"]
+    assert row["stage"] == "reward.score (2 toy scenes)" and row["seconds"] > 0
