@@ -150,6 +150,9 @@ def main(argv):
     preset = models.SIZES[args.size]
     frames, height, width = (getattr(args, k) or preset[k] for k in ("frames", "height", "width"))
     sample.check_video_size(frames, height, width)
+    if args.size == "toy" and "reward" in stages and height != width:  # toyworld renders square scenes only
+        common.fail(f"--height={height} --width={width}: the toy reward stage scores toy scenes, which are "
+                    "square; give equal sizes")
     text_len = args.text_len or preset["text_len"]
     if args.json is not None:
         common.check_writable_file(args.json, "--json", [".json"])

@@ -144,3 +144,9 @@ def test_toy_reward_stage_scores_toy_scenes(tmp_path):
     bench.main(["--size=toy", "--stages", "reward", "--repeats", "1", "--group_size", "2", "--json", str(out)])
     row, = json.loads(out.read_text())["rows"]
     assert row["stage"] == "reward.score (2 toy scenes)" and row["seconds"] > 0
+
+
+def test_toy_reward_stage_refuses_a_non_square_video():
+    """The toy scenes are square: a toy reward stage asked for 32x64 stops before any work, naming both flags."""
+    with pytest.raises(SystemExit, match="--height=32 --width=64"):
+        bench.main(["--size=toy", "--stages", "reward", "--height", "32", "--width", "64"])
