@@ -396,12 +396,30 @@ def test_the_reward_check_reports_what_the_judge_says_of_each_groups_best():
     assert lines["| judge_p (the judge itself)"].endswith("| 100.0% / 0.800 / 100.0% |")
 
 
+def test_the_meta_view_grader_learns_what_tells_its_labels_apart():
+    """tools/toy_reward_check.py's meta-view grader on views whose label is plain to see (consistent: a bright top
+    half, corrupted: a bright bottom half, which mirroring keeps; each corruption an eighth of the views): after 150
+    steps every held-out view is read right, so its report accepts all consistent views and no corrupted one."""
+    from tools.toy_reward_check import train_meta_grader
+    gen = torch.Generator().manual_seed(0)
+    corruption = torch.tensor([0, 1, 0, 2, 0, 3, 0, 4] * 10)  # half consistent, each corruption an eighth
+    views = (torch.rand(80, 3, 16, 16, generator=gen) * 60).to(torch.uint8)
+    for i, c in enumerate(corruption.tolist()):
+        rows = slice(0, 8) if c == 0 else slice(8, 16)
+        views[i, :, rows] += 180
+    grader, report = train_meta_grader(views, corruption, steps=150, batch=16, held_out=40)
+    assert report["accuracy"] == 1.0, report
+    assert report["accepted"]["none"] == 1.0 and all(v == 0.0 for k, v in report["accepted"].items() if k != "none")
+    assert set(report["accepted"]) == {"none", *tw.CORRUPTIONS}
+
+
 @pytest.mark.full
 def test_the_reward_check_scores_held_out_views_without_changing_the_reward():
     """--novel_view lifts each video once and hands the lift to reward.score: every reward term is what score gives
     when it lifts the video itself, and S_nv = 1 - NV_LPIPS of evaluate.novel_view_metrics on a lift of its own.
+    --meta_grader does the same, and its S_meta is the grader's P(consistent) of the meta view of that video's lift.
     Two ground-truth videos of one scene, decoded by the committed VAE: the consistent one and its drifting self."""
-    from tools.toy_reward_check import TERMS, scored
+    from tools.toy_reward_check import TERMS, MetaGrader, scored
     import evaluate
     wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
     critics, judge = models.load_reward_models("toy"), tw.load_judge()
@@ -416,3 +434,10 @@ def test_the_reward_check_scores_held_out_views_without_changing_the_reward():
         assert {t: a[t] for t in TERMS} == {t: b[t] for t in TERMS} and "S_nv" not in a
         nv = evaluate.novel_view_metrics(critics, video, reward.lift(critics, video))
         assert b["S_nv"] == pytest.approx(1 - nv["NV_LPIPS"], abs=1e-6) and b["NV_PSNR"] == pytest.approx(nv["NV_PSNR"])
+    grader = MetaGrader()  # untrained: what is checked is which view it grades, and that nothing else changes
+    with_meta = scored(critics, judge, videos, captions, [["orbit_left"]] * 2, grader=grader)
+    for a, b, video in zip(plain, with_meta, videos):
+        view = reward.to_uint8(reward.meta_view(reward.lift(critics, video)))
+        assert {t: a[t] for t in TERMS} == {t: b[t] for t in TERMS}
+        assert b["S_meta"] == pytest.approx(float(grader.p_consistent(view[None])[0]), abs=1e-6)
+        assert b["total+S_meta"] == pytest.approx(b["total"] + b["S_meta"])
