@@ -22,7 +22,7 @@ to grade it (its w_meta is 0). A small CNN (MetaGrader) learns consistent-or-not
 (reward.meta_view) of N fresh ground-truth videos decoded by the VAE, half of them corrupted, and scores each video
 as P(consistent) of its meta view; `total+S_meta` adds it to the total with weight 1, as the paper's R_3D does.
 
-    python tools/toy_reward_check.py --meta_grader 8000          # about 55 minutes on one core
+    python tools/toy_reward_check.py --meta_grader 8000          # about an hour on one core
 """
 import argparse
 import json
