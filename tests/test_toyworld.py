@@ -407,7 +407,7 @@ def test_the_meta_view_grader_learns_what_tells_its_labels_apart():
     for i, c in enumerate(corruption.tolist()):
         rows = slice(0, 8) if c == 0 else slice(8, 16)
         views[i, :, rows] += 180
-    grader, report = train_meta_grader(views, corruption, steps=150, batch=16, held_out=40)
+    _, report = train_meta_grader(views, corruption, steps=150, batch=16, held_out=40)
     assert report["accuracy"] == 1.0, report
     assert report["accepted"]["none"] == 1.0 and all(v == 0.0 for k, v in report["accepted"].items() if k != "none")
     assert set(report["accepted"]) == {"none", *tw.CORRUPTIONS}

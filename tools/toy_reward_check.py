@@ -96,12 +96,8 @@ class MetaGrader(nn.Module):
 
     @torch.no_grad()
     def p_consistent(self, views, batch=250):
-        """uint8 views (N, 3, h, w) -> P(consistent) (N,)."""
-        was = self.training
-        self.eval()
-        p = torch.cat([torch.sigmoid(self(v.float() / 255)) for v in views.split(batch)])
-        self.train(was)
-        return p
+        """uint8 views (N, 3, h, w) -> P(consistent) (N,). (Group norm and no dropout: no train/eval difference.)"""
+        return torch.cat([torch.sigmoid(self(v.float() / 255)) for v in views.split(batch)])
 
 
 def meta_views(wan, critics, n, seed):
