@@ -369,6 +369,25 @@ def dynamic_degree(raft, video, fps=FPS, iters=20, chunk=8):
     return 100.0 * float((scores > thres).sum() >= count), scores.mean().item()
 
 
+def judged(judge, video, prompt):
+    """The toy world's judge on one video (F, 3, H, W) in [0, 1] -> its columns in percent: Consistent (100 when it
+    calls the video one rigid scene), ConsistentP (its probability of that) and CamFollow (100 when the camera motion
+    it sees is the prompt's; "fixed" for a prompt that names none)."""
+    p, consistent, follows = toyworld.judge_rates(judge, video[None].cpu(), noise_warp.parse_camera(prompt)[:1]
+                                                   or ["fixed"])
+    return dict(Consistent=100 * float(consistent), ConsistentP=100 * float(p), CamFollow=100 * float(follows))
+
+
+def generate(wan, args, prompt, seed, embeddings, progress=False):
+    """One video (F, 3, H, W) in [0, 1] of `prompt` with `seed`, sampled with the flags' sampler, steps, guidance,
+    negative prompt and camera warp: every model of an evaluation is sampled through here."""
+    return sample.generate(wan, prompt, seed, frames=args.frames, height=args.height, width=args.width,
+                           sample_steps=args.sample_steps, guidance=args.guidance, sampler=args.sampler,
+                           text_len=args.text_len, negative_prompt=args.negative_prompt, warp_mode=args.warp_mode,
+                           warp_strength=args.warp_strength, embeddings=embeddings, progress=progress,
+                           delay=sample.BAR_DELAY)
+
+
 def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
     """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, the reasons as one string).
     path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion. judge: the toy world's
@@ -376,9 +395,7 @@ def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
     percent (a finer reading of the same verdict), CamFollow = 100 when the camera motion it sees is the prompt's."""
     row, reasons = dict.fromkeys(KEYS, math.nan), []
     if judge is not None:
-        p, consistent, follows = toyworld.judge_rates(judge, video[None].cpu(), noise_warp.parse_camera(prompt)[:1]
-                                                       or ["fixed"])
-        row.update(Consistent=100 * float(consistent), ConsistentP=100 * float(p), CamFollow=100 * float(follows))
+        row.update(judged(judge, video, prompt))
     guard = lambda what, fn, *a: reward.guard(reasons, what, fn, *a, failed={})  # noqa: E731  (a failed group: NaN)
     lf = reward.guard(reasons, "lift", reward.lift, critics, video, failed=None)
     if lf is not None:
@@ -677,11 +694,7 @@ def main(argv=None):
             wan.transformer.enable_lora()
         for i in tqdm(mine, desc=name, unit="prompt", disable=rank != 0, dynamic_ncols=True):  # rank 0's bar
             t0 = time.time()
-            video = sample.generate(wan, prompts[i], args.seed + i, frames=args.frames, height=args.height,
-                                    width=args.width, sample_steps=args.sample_steps, guidance=args.guidance,
-                                    sampler=args.sampler, text_len=args.text_len, negative_prompt=args.negative_prompt,
-                                    warp_mode=args.warp_mode, warp_strength=args.warp_strength,
-                                    embeddings=embeddings, progress=rank == 0, delay=sample.BAR_DELAY)  # (F, 3, H, W)
+            video = generate(wan, args, prompts[i], args.seed + i, embeddings, progress=rank == 0)  # (F, 3, H, W)
             t1 = time.time()
             path = noise_warp.requested_path(noise_warp.parse_camera(prompts[i]), args.frames)
             row, why = evaluate_video(video, prompts[i], path, critics, dino, raft, args, judge)
