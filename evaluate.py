@@ -388,6 +388,16 @@ def generate(wan, args, prompt, seed, embeddings, progress=False):
                            delay=sample.BAR_DELAY)
 
 
+def load_models(args, device, dtype):
+    """The base model of `--size`/`--model` and, with --ckpt or --lora, its LoRA: loaded (and proven to fit) before
+    any sampling, and switched off for the base model's pass (enable_lora() switches it on)."""
+    wan = standins.wan_for_run(args.size, args.model, device, dtype)
+    if args.lora_dir:
+        sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
+        wan.transformer.disable_lora()
+    return wan
+
+
 def evaluate_video(video, prompt, path, critics, dino, raft, args, judge=None):
     """Every metric of one video (F, 3, H, W) -> ({key: float, NaN when undefined}, the reasons as one string).
     path: the requested c2w path (F, 4, 4), or None when the prompt names no camera motion. judge: the toy world's
@@ -671,10 +681,7 @@ def main(argv=None):
     for line in sample.camera_warnings(prompts, args.warp_mode):
         sample.warn(line)
     dtype = models.resolve_dtype(args.dtype, device)
-    wan = standins.wan_for_run(args.size, args.model, device, dtype)
-    if args.lora_dir:  # loaded (and proven to fit) before any sampling; off for the base model's pass
-        sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
-        wan.transformer.disable_lora()
+    wan = load_models(args, device, dtype)
     if line := sample.length_warning(wan.tokenizer, prompts, args.text_len):
         sample.warn(line)
     # Both models see the same prompts: encode this rank's once, then free the text encoder

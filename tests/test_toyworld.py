@@ -417,16 +417,21 @@ def test_the_judge_as_reward_refuses_what_it_sets_itself(flag):
 
 @pytest.mark.full
 def test_the_judge_as_reward_trains_on_the_judges_verdicts(tmp_path):
-    """Two steps of tools/judge_as_reward.py: train.py runs with the judge's P(consistent) as its reward, a number
-    in [0, 1] at every step (the latent stand-in it replaces is a latent channel's mean, of either sign)."""
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "tools/judge_as_reward.py", "--max_steps=2", "--group_size=4",
-                           "--prompts_per_rank=1", "--eval_every=0", f"--out_dir={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in rows if "reward" in r]
-    assert len(rewards) == 2 and all(0 <= r <= 1 for r in rewards), rewards
+    """Two steps of tools/judge_as_reward.py beside train.py's own --size=toy --reward=latent with the same flags:
+    step 0 samples the same rollouts from the same base model, so its reward differs only if the tool's reward is
+    the one train.py called; the judge's P(consistent) lies in [0, 1] at every step."""
+    flags = ["--max_steps=2", "--group_size=4", "--prompts_per_rank=1", "--eval_every=0"]
+    rewards = {}
+    for name, command in [("tool", ["tools/judge_as_reward.py"]), ("plain", ["train.py", "--size=toy",
+                                                                            "--reward=latent"])]:
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, *command, *flags, f"--out_dir={out}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rewards[name] = [r["reward"] for r in rows if "reward" in r]
+    assert len(rewards["tool"]) == 2 and all(0 <= r <= 1 for r in rewards["tool"]), rewards
+    assert abs(rewards["tool"][0] - rewards["plain"][0]) > 1e-4, rewards
 
 
 @pytest.mark.slow

@@ -58,10 +58,7 @@ def judge_columns(eval_argv):
     args = evaluate.parse_args(eval_argv)
     if args.size != "toy":
         raise SystemExit("error: the judge knows the toy world only: score a --size=toy checkpoint")
-    wan = standins.wan_for_run(args.size, args.model, "cpu", models.resolve_dtype(args.dtype, "cpu"))
-    if args.lora_dir:
-        sample.load_lora(wan.transformer, args.lora_dir, "--ckpt" if args.ckpt else "--lora")
-        wan.transformer.disable_lora()
+    wan = evaluate.load_models(args, "cpu", models.resolve_dtype(args.dtype, "cpu"))
     prompts, judge = args.prompt_list, toyworld.load_judge()
     embeddings = sample.encode_once(wan, prompts + [args.negative_prompt], args.text_len)
     columns = {}
