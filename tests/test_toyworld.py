@@ -411,7 +411,7 @@ def test_the_judge_as_reward_scores_the_latents_as_the_judge_scores_their_decode
 @pytest.mark.parametrize("flag", ["--reward=world", "--size=tiny", "--model=elsewhere"])
 def test_the_judge_as_reward_refuses_what_it_sets_itself(flag):
     from tools.judge_as_reward import main
-    with pytest.raises(SystemExit, match=flag.split("=")[0]):
+    with pytest.raises(SystemExit, match=f"error: {flag.split('=')[0]} is set by this tool"):
         main(["--max_steps=1", flag])
 
 

@@ -1,8 +1,8 @@
 """
 What the RL loop can reach with a perfect reward: `python train.py --size=toy --reward=latent` with the latent
 stand-in reward replaced by the held-out judge's P(consistent) of each rollout. The numbers behind BENCHMARKS.md,
-"The judge itself as the reward" and "What the RL loop can reach with a perfect reward". Imports common, models,
-sample, standins and toyworld; runs train.py.
+"The judge itself as the reward" and "What the RL loop can reach with a perfect reward". Imports common, evaluate,
+models, sample, standins and toyworld; runs train.py.
 
     python tools/judge_as_reward.py --seed=0 --sde_window=4 --max_steps=120 --out_dir=judge_s0   # about 6 minutes
     python evaluate.py --size=toy --ckpt=judge_s0 --seed=0 --limit=60                              # about 5 minutes
@@ -84,7 +84,7 @@ def main(argv=None):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise SystemExit(f"error: {flag} is set by this tool (--size=toy --reward=latent, the committed toy "
                              "base model, whose VAE's decodes are what the judge learnt); pass train.py's other flags")
-    vae = models.load_wan(os.path.join(models.TOY, "wan"), "cpu", torch.float32).vae.eval().requires_grad_(False)
+    vae = models.load_wan(models.SIZES["toy"]["model"], "cpu", torch.float32).vae.eval().requires_grad_(False)
     standins.latent_reward = judge_reward(vae, toyworld.load_judge())  # train.py looks it up on every call
     sys.argv = ["train.py", "--size=toy", "--reward=latent", *argv]
     runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
