@@ -17,11 +17,16 @@ from toyworld import (COLOURS, FOCAL, MOTIONS, SCALES, SCENE_DEPTH, SHAPES, TARG
 # -----------------------------------------------------------------------------
 # The loop every stage runs
 
-def resumable(path, modules, optimizer, steps, step_fn, *, lr, warmup=100, save_every=250, log_every=100, name=""):
+SAVE_EVERY = 250  # steps between a stage's saves: a kill loses at most this many (a minute or two of any stage)
+
+
+def resumable(path, modules, optimizer, steps, step_fn, *, lr, seed, warmup=100, log_every=100, name=""):
     """Run step_fn(step) -> loss (a scalar tensor) for `steps` AdamW steps, warm-up then cosine decay to 10% of lr.
-    Every `save_every` steps the modules, the optimizer and the loss of every step so far go to `path` (written to a
-    temporary name, then renamed), and a run killed at any point resumes from there; batches are drawn from
-    step-seeded generators, so a resumed stage trains on the same batches as an uninterrupted one."""
+    Every SAVE_EVERY steps the modules, the optimizer and the loss of every step so far go to `path` (written to a
+    temporary name, then renamed), and a run killed at any point resumes from there. Batches come from step-seeded
+    generators (batch_ids), and whatever step_fn draws from torch's global generator (the VAE's posterior samples,
+    dropout) from the global generator seeded with (seed, step): a resumed stage ends with the weights of an
+    unbroken one, bit for bit, whatever the process drew before it."""
     import time
     start, losses = 0, []
     if os.path.exists(path):
@@ -32,26 +37,28 @@ def resumable(path, modules, optimizer, steps, step_fn, *, lr, warmup=100, save_
         start, losses = int(state["step"]), state["losses"].tolist()
         print(f"[{name}] resumed at step {start}", flush=True)
     t0, recent = time.time(), []
-    for step in range(start, steps):
-        scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        loss = step_fn(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        recent.append(loss.item())
-        losses.append(recent[-1])
-        if (step + 1) % log_every == 0 or step == steps - 1:
-            print(f"[{name}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
-                  f"({(time.time() - t0) / (step + 1 - start):.3f} s/step)", flush=True)
-            recent = []
-        if (step + 1) % save_every == 0 or step == steps - 1:
-            state = {k: m.state_dict() for k, m in modules.items()}
-            torch.save({**state, "optimizer": optimizer.state_dict(), "step": step + 1, "losses": torch.tensor(losses)},
-                       path + ".tmp")
-            os.replace(path + ".tmp", path)
+    with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+        for step in range(start, steps):
+            torch.manual_seed(seed * 1_000_003 + 500_000 + step)  # apart from batch_ids' seeds (steps < 500k)
+            scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+            loss = step_fn(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+            optimizer.step()
+            recent.append(loss.item())
+            losses.append(recent[-1])
+            if (step + 1) % log_every == 0 or step == steps - 1:
+                print(f"[{name}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                      f"({(time.time() - t0) / (step + 1 - start):.3f} s/step)", flush=True)
+                recent = []
+            if (step + 1) % SAVE_EVERY == 0 or step == steps - 1:
+                state = {k: m.state_dict() for k, m in modules.items()}
+                torch.save({**state, "optimizer": optimizer.state_dict(), "step": step + 1,
+                            "losses": torch.tensor(losses)}, path + ".tmp")
+                os.replace(path + ".tmp", path)
 
 
 def batch_ids(n, size, seed, step):
@@ -86,7 +93,7 @@ def train_vae(vae, data, path, *, images, clips, seed=0):
             x = to_unit(videos[batch_ids(n, clips[1], seed, step)]).transpose(1, 2)  # (B, 3, F, H, W)
         return vae_loss(vae, x * 2 - 1)
     vae.train()
-    resumable(path, {"vae": vae}, opt, images[0] + clips[0], step_fn, lr=1e-3, name="vae")
+    resumable(path, {"vae": vae}, opt, images[0] + clips[0], step_fn, lr=1e-3, seed=seed, name="vae")
     vae.eval()
 
 
@@ -145,7 +152,7 @@ def train_t2v(wan, latents, captions, path, steps, batch, *, text_len, drop=0.1,
         return F.mse_loss(v, eps - x0)
     wan.transformer.train(), wan.text_encoder.train()
     resumable(path, {"transformer": wan.transformer, "text_encoder": wan.text_encoder}, opt, steps, step_fn,
-              lr=1e-3, warmup=200, name="t2v")
+              lr=1e-3, seed=seed, warmup=200, name="t2v")
     wan.transformer.eval(), wan.text_encoder.eval()
 
 
@@ -210,7 +217,7 @@ def train_da3(net, videos, recon, depth, c2w, path, steps, batch, *, seed=0):
         l_depth, l_rot, l_trans, l_focal = da3_losses(net, frames, depth[idx], c2w[idx])
         return l_depth + 10 * l_rot + 10 * l_trans + l_focal
     net.train()
-    resumable(path, {"da3": net}, opt, steps, step_fn, lr=1e-3, warmup=100, name="da3")
+    resumable(path, {"da3": net}, opt, steps, step_fn, lr=1e-3, seed=seed, warmup=100, name="da3")
     net.eval().requires_grad_(False)
 
 
@@ -269,7 +276,7 @@ def train_judge(judge, videos, consistent, camera, path, steps, batch, *, seed=0
         return (F.binary_cross_entropy_with_logits(logit.float(), consistent[idx].float())
                 + F.cross_entropy(motion.float(), cam))
     judge.train()
-    resumable(path, {"judge": judge}, opt, steps, step_fn, lr=1e-3, warmup=100, name="judge")
+    resumable(path, {"judge": judge}, opt, steps, step_fn, lr=1e-3, seed=seed, warmup=100, name="judge")
     judge.eval().requires_grad_(False)
 
 
@@ -377,7 +384,7 @@ def train_preference(hps, proc, data, path, steps, batch, *, pixels, seed=0):
         return preference_loss(hps, proc, to_unit(data["video"][ids, frame]), neg,
                                [data["caption"][i] for i in ids], pixels)
     hps.train()
-    resumable(path, {"hps": hps}, opt, steps, step_fn, lr=5e-4, warmup=100, name="hps")
+    resumable(path, {"hps": hps}, opt, steps, step_fn, lr=5e-4, seed=seed, warmup=100, name="hps")
     hps.eval().requires_grad_(False)
 
 
@@ -409,7 +416,7 @@ def calibrate_preference(hps, proc, data, pixels, top=10.0, seed=0):
 # -----------------------------------------------------------------------------
 # What the build measured, and helpers of its script (toyworld.main)
 
-def evaluate_stages(wan, da3, judge, heldout, recon):
+def evaluate_stages(da3, judge, heldout, recon):
     """What the build measured on held-out ground-truth videos: VAE PSNR (all pixels and object pixels, where
     depth is nearer than the floor behind the objects), Depth Anything 3's depth AbsRel and relative-pose errors,
     and the judge's accuracy on both heads (judge_report), on raw renders and on VAE reconstructions."""
