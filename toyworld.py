@@ -533,9 +533,9 @@ def main(argv=None):
 
     def cached(name, build):
         path = work(name)
-        if not os.path.exists(path):  # both lanes may build one at once: each writes its own temporary file
-            torch.save(build(), f"{path}.{os.getpid()}.tmp")
-            os.replace(f"{path}.{os.getpid()}.tmp", path)
+        if not os.path.exists(path):
+            torch.save(build(), path + ".tmp")
+            os.replace(path + ".tmp", path)
         return torch.load(path, weights_only=True)  # tensors and a list of captions
 
     def timed(stage, fn):
@@ -545,12 +545,9 @@ def main(argv=None):
         print(f"[build] {stage} done in {seconds[stage]:.0f} s", flush=True)
         return out
 
-    def preference_sets(vae):  # the preference model's pairs, rendered and decoded by the VAE
-        return (cached("hps_data.pt", lambda: preference_data(vae, cfg["hps_scenes"][0], args.seed + 2)),
-                cached("hps_heldout.pt", lambda: preference_data(vae, cfg["hps_scenes"][1], args.seed + 3)))
-
     def preference(vae):  # 6. the preference model, on frames the VAE decoded
-        data, held = preference_sets(vae)
+        data = cached("hps_data.pt", lambda: preference_data(vae, cfg["hps_scenes"][0], args.seed + 2))
+        held = cached("hps_heldout.pt", lambda: preference_data(vae, cfg["hps_scenes"][1], args.seed + 3))
         hps, proc = build_hpsv3(seed=args.seed)
         train_preference(hps, proc, data, work("hps.pt"), *cfg["hps"], pixels=pixels, seed=args.seed)
         report = calibrate_preference(hps, proc, held, pixels, seed=args.seed)
@@ -603,9 +600,8 @@ def main(argv=None):
     latents = (enc["latents"] - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     # Two lanes of about equal length (BENCHMARKS.md), the first in a second process when there are two jobs:
     # 3. the base model (text encoder + transformer on the latents of the mixed videos), then 6. the preference model;
-    # the preference model's data, 4. the critic (Depth Anything 3 on the decoded videos with their true depth and
-    # cameras), 5. the judge (ground truth only, decoded by the VAE like everything it will judge) and what the build
-    # measures of them. The first lane reports through a file and finds the preference data the second has written.
+    # 4. the critic (Depth Anything 3 on the decoded videos with their true depth and cameras), then 5. the judge
+    # (ground truth only, decoded by the VAE like everything it will judge). The first lane reports through a file.
     os.makedirs(args.out, exist_ok=True)
 
     def first_lane():
@@ -615,14 +611,12 @@ def main(argv=None):
         with open(work("first_lane.json"), "w") as f:
             json.dump(dict(seconds={k: seconds[k] for k in ("t2v", "hps")}, hps_report=report), f)
     side = side_job(first_lane) if args.jobs > 1 else first_lane()
-    timed("hps_data", lambda: preference_sets(wan.vae))
     with torch.random.fork_rng(devices=[]):  # its initial weights depend on the seed, not on what ran before
         torch.manual_seed(args.seed)
         da3, _ = models.build_toy_da3()
     timed("da3", lambda: train_da3(da3, data["video"], enc["recon"], data["depth"], data["c2w"], work("da3.pt"),
                                    *cfg["da3"], seed=args.seed))
     judge = timed("judge", lambda: judged(data, enc))
-    report = timed("report", lambda: evaluate_stages(da3, judge, heldout, enc["heldout_recon"]))
     if args.jobs > 1:
         timed("wait for the first lane", lambda: side_job_done(side, "the base model or the preference model"))
     with open(work("first_lane.json")) as f:  # what the first lane measured
@@ -632,6 +626,7 @@ def main(argv=None):
     wan.transformer.load_state_dict(state["transformer"])
     wan.text_encoder.load_state_dict(state["text_encoder"])
     # 7. Export: the networks in their released layouts, the prompts, and what the build measured
+    report = evaluate_stages(da3, judge, heldout, enc["heldout_recon"])
     report.update(first["hps_report"])
     for m in (wan.transformer, wan.text_encoder, wan.vae):
         m.requires_grad_(False)
