@@ -274,7 +274,7 @@ def test_encoding_in_two_processes_gives_the_numbers_of_one():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def stage_run(stage, path, kill_at=None):
+def stage_run(monkeypatch, stage, path, kill_at=None):
     """One build stage, from a freshly built toy Wan, on 8 videos; with kill_at, the process's AdamW steps stop
     with an error before their kill_at-th step (the stage saved every 3 steps). -> its state dict, or None if
     killed."""
@@ -288,18 +288,15 @@ def stage_run(stage, path, kill_at=None):
         if len(calls) == kill_at:
             raise KeyboardInterrupt("killed")
         return clip(*args, **kwargs)
-    torch.nn.utils.clip_grad_norm_ = counted
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted)
     try:
         if stage == "vae":
             tt.train_vae(wan.vae, data, path, images=(4, 4), clips=(4, 2), seed=3)
-        else:
-            tt.train_t2v(wan, latents, data["caption"], path, 8, 4, text_len=models.SIZES["toy"]["text_len"], seed=3)
+            return wan.vae.state_dict()
+        tt.train_t2v(wan, latents, data["caption"], path, 8, 4, text_len=models.SIZES["toy"]["text_len"], seed=3)
+        return {**wan.transformer.state_dict(), **wan.text_encoder.state_dict()}
     except KeyboardInterrupt:
         return None
-    finally:
-        torch.nn.utils.clip_grad_norm_ = clip
-    return wan.vae.state_dict() if stage == "vae" else {**wan.transformer.state_dict(),
-                                                         **wan.text_encoder.state_dict()}
 
 
 @pytest.mark.parametrize("stage", ["vae", "t2v"])
@@ -309,12 +306,12 @@ def test_a_stage_killed_mid_run_resumes_to_the_weights_of_an_unbroken_run(tmp_pa
     ends with the same weights, bit for bit, as one that ran through (from another global generator state)."""
     monkeypatch.setattr(tt, "SAVE_EVERY", 3)
     torch.manual_seed(1)
-    whole = stage_run(stage, str(tmp_path / "whole.pt"))
+    whole = stage_run(monkeypatch, stage, str(tmp_path / "whole.pt"))
     torch.manual_seed(2)
-    assert stage_run(stage, str(tmp_path / "broken.pt"), kill_at=6) is None
+    assert stage_run(monkeypatch, stage, str(tmp_path / "broken.pt"), kill_at=6) is None
     assert torch.load(tmp_path / "broken.pt", weights_only=True)["step"] == 3
     torch.manual_seed(3)
-    resumed = stage_run(stage, str(tmp_path / "broken.pt"))
+    resumed = stage_run(monkeypatch, stage, str(tmp_path / "broken.pt"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), [k for k in whole if not torch.equal(whole[k],
                                                                                                        resumed[k])]
