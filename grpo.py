@@ -15,8 +15,10 @@ whose mean the velocity sets (Flow-GRPO, Liu et al. 2025, §4.2). How we depart 
    sampled estimator; the reference is the pre-trained model (LoRA disabled).
 5. No value network, no length normalisation, no entropy bonus: one scalar reward per video, and the same
    advantage applies to every window step of that video.
-6. Several optimizer steps per rollout batch (`updates_per_epoch`), so the ratio leaves 1 and the clip acts
+6. Several optimizer steps per rollout batch (`updates_per_epoch`), so the ratio can leave 1 and the clip act
    (the release takes one step per epoch, where the clip is inert; microsoft/World-R1 scripts/train_world_r1.py).
+   How far the ratio moves depends on the learning rate and the model: at the toy size the second update stays
+   inside the clip and the clip acts from the third update on (BENCHMARKS.md).
 """
 import math
 
