@@ -324,9 +324,9 @@ def make_video(scene, motion, *, frames=9, height=32, width=32, corruption=None,
 # often) and 30% move the camera differently from their caption, independently, so that the data holds consistent,
 # camera-following videos only about a third of the time, as a real base model's output often does, and leaves
 # RL room to show itself. What the trained base model makes is another matter (BENCHMARKS.md): its camera follows
-# the caption in 87-93% of its videos, since guidance sharpens it toward the caption's own camera, which 70% of the
-# data shows against about 4% for each other one; and the judge calls 10% of them one rigid scene, since its
-# objects swell and fade, whatever the mix (trained on the consistent half alone: 2%).
+# the caption in 87-93% of its videos (likely because the caption's own camera is the one 70% of the data shows,
+# against about 4% for each other one, and guidance sharpens toward it; not measured), and the judge calls 10% of
+# them one rigid scene, since its objects swell and fade, whatever the mix (trained on the consistent half alone: 2%).
 MIX = dict(corrupt=0.5, wrong_camera=0.3)
 
 
