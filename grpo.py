@@ -18,7 +18,8 @@ whose mean the velocity sets (Flow-GRPO, Liu et al. 2025, §4.2). How we depart 
 6. Several optimizer steps per rollout batch (`updates_per_epoch`), so the ratio can leave 1 and the clip act
    (the release takes one step per epoch, where the clip is inert; microsoft/World-R1 scripts/train_world_r1.py).
    How far the ratio moves depends on the learning rate and the model: at the toy size and its learning rate the
-   second update stays inside the clip, which acts from the third update on (BENCHMARKS.md).
+   default's second update stays inside the clip; with more updates the clip acts, on more transitions the later the
+   update (BENCHMARKS.md).
 """
 import math
 
