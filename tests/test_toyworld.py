@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import models
 import noise_warp
 import reward
+import standins
 import toyworld as tw
 import toytrain as tt
 
@@ -451,11 +452,26 @@ def test_the_judge_as_reward_scores_the_latents_as_the_judge_scores_their_decode
     assert got[consistent].mean() > got[~consistent].mean() + 0.3
 
 
-@pytest.mark.parametrize("flag", ["--reward=world", "--size=tiny", "--model=elsewhere"])
+@pytest.mark.parametrize("flag", ["--reward=world", "--size=tiny"])
 def test_the_judge_as_reward_refuses_what_it_sets_itself(flag):
     from tools.judge_as_reward import main
     with pytest.raises(SystemExit, match=f"error: {flag.split('=')[0]} is set by this tool"):
         main(["--max_steps=1", flag])
+
+
+def test_the_judge_as_reward_takes_a_base_model_only_on_the_committed_vae(tmp_path):
+    """--model: another base model is welcome (the committed one passes the check), but not one whose VAE differs by
+    a single weight (the judge learnt the committed VAE's decodes), nor a folder that is not there."""
+    from tools.judge_as_reward import main, same_vae
+    same_vae(models.SIZES["toy"]["model"])
+    wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
+    with torch.no_grad():
+        next(wan.vae.parameters()).view(-1)[0] += 1e-3
+    standins.save_pretrained(wan, tmp_path / "other")
+    for folder, message in [(tmp_path / "other", "is not the committed toy VAE"), (tmp_path / "none", "no such")]:
+        for form in ([f"--model={folder}"], ["--model", str(folder)]):
+            with pytest.raises(SystemExit, match=message):
+                main(["--max_steps=1", *form])
 
 
 @pytest.mark.full
@@ -531,7 +547,7 @@ def test_the_reward_check_scores_held_out_views_without_changing_the_reward():
     when it lifts the video itself, and S_nv = 1 - NV_LPIPS of evaluate.novel_view_metrics on a lift of its own.
     --meta_grader does the same, and its S_meta is the grader's P(consistent) of the meta view of that video's lift.
     Two ground-truth videos of one scene, decoded by the committed VAE: the consistent one and its drifting self."""
-    from tools.toy_reward_check import TERMS, MetaGrader, scored
+    from tools.toy_reward_check import TERMS, MetaGrader, rebalance, scored
     import evaluate
     wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
     critics, judge = models.load_reward_models("toy"), tw.load_judge()
@@ -553,3 +569,12 @@ def test_the_reward_check_scores_held_out_views_without_changing_the_reward():
         assert {t: a[t] for t in TERMS} == {t: b[t] for t in TERMS}
         assert b["S_meta"] == pytest.approx(float(grader.p_consistent(view[None])[0]), abs=1e-6)
         assert b["total+S_meta"] == pytest.approx(b["total"] + b["S_meta"])
+    # --balance: the total at other weights, recombined from the toy weights' terms, is reward.score's own total there
+    balances = [(50.0, 1.0), (20.0, 0.0)]
+    rebalance(plain, balances)
+    paths = [noise_warp.requested_path(["orbit_left"], videos.shape[1])] * 2
+    for w_recon, w_gen in balances:
+        scores, _ = reward.score(critics, videos, captions, paths,
+                                 **{**reward.defaults("toy"), "w_recon": w_recon, "w_gen": w_gen})
+        got = [row[f"total at w_recon={w_recon:g}, w_gen={w_gen:g}"] for row in plain]
+        assert got == pytest.approx(scores["total"].tolist(), abs=1e-5), (w_recon, w_gen)

@@ -6,12 +6,14 @@ models, sample, standins and toyworld; runs train.py.
 
     python tools/judge_as_reward.py --seed=0 --sde_window=4 --max_steps=120 --out_dir=judge_s0   # about 6 minutes
     python evaluate.py --size=toy --ckpt=judge_s0 --seed=0 --limit=60                              # about 5 minutes
+    python tools/judge_as_reward.py --model=FOLDER --seed=0 ...   # from a base model trained further on the same VAE
 
 A diagnostic of the RL loop, not a method: no reward of train.py ever sees the judge (evaluate.py's Consistent% and
 CamFollow% would mean nothing if one did). Here the judge stands in for a reward that agrees with it perfectly, so a
 run measures what the loop itself (sampler, group advantages, LoRA updates) can reach in a given number of steps,
 and, beside the same settings under the real reward, how much of a missing gain is the reward's and how much the
-loop's. Every flag is train.py's; this tool sets --size=toy and --reward=latent itself. train.py calls
+loop's. Every flag is train.py's; this tool sets --size=toy and --reward=latent itself, and takes a --model
+(another toy base model, for example one trained longer) only if its VAE is the committed one. train.py calls
 standins.latent_reward on each group's final latents; here that becomes: decode them with the committed toy VAE, as
 train.py decodes its rollouts (sample.decode), and score the videos with the committed judge (toyworld.judge_videos).
 
@@ -21,6 +23,7 @@ train.py decodes its rollouts (sample.decode), and score the videos with the com
 model and the checkpoint: the same videos, sampled as evaluate.py samples them, without the 3D metrics that take
 most of evaluate.py's time.
 """
+import argparse
 import os
 import runpy
 import sys
@@ -38,7 +41,19 @@ import sample  # noqa: E402
 import standins  # noqa: E402
 import toyworld  # noqa: E402
 
-SET_HERE = ("--size", "--reward", "--model")  # the judge knows the committed toy VAE's decodes, and only those
+SET_HERE = ("--size", "--reward")
+
+
+def same_vae(folder):
+    """Refuse a --model whose VAE is not the committed toy one: the judge learnt that VAE's decodes, and only those
+    (a base model trained further on the same latents keeps it)."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --model={folder}: no such folder")
+    mine = models.load_wan(folder, "cpu", torch.float32).vae.state_dict()
+    committed = models.load_wan(models.SIZES["toy"]["model"], "cpu", torch.float32).vae.state_dict()
+    if mine.keys() != committed.keys() or any(not torch.equal(mine[k], committed[k]) for k in mine):
+        raise SystemExit(f"error: --model={folder}: its VAE is not the committed toy VAE, whose decodes are what the "
+                         "judge learnt; train the base model on that VAE's latents")
 
 
 def judge_reward(vae, judge):
@@ -82,8 +97,13 @@ def main(argv=None):
         return
     for flag in SET_HERE:
         if any(a == flag or a.startswith(flag + "=") for a in argv):
-            raise SystemExit(f"error: {flag} is set by this tool (--size=toy --reward=latent, the committed toy "
-                             "base model, whose VAE's decodes are what the judge learnt); pass train.py's other flags")
+            raise SystemExit(f"error: {flag} is set by this tool (--size=toy --reward=latent); pass train.py's other "
+                             "flags")
+    model = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    model.add_argument("--model")
+    folder = model.parse_known_args(argv)[0].model
+    if folder is not None:
+        same_vae(folder)
     vae = models.load_wan(models.SIZES["toy"]["model"], "cpu", torch.float32).vae.eval().requires_grad_(False)
     standins.latent_reward = judge_reward(vae, toyworld.load_judge())  # train.py looks it up on every call
     sys.argv = ["train.py", "--size=toy", "--reward=latent", *argv]

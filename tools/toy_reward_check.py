@@ -4,6 +4,8 @@ reward sees". Imports common, models, sample, reward, noise_warp, toyworld and t
 
     python tools/toy_reward_check.py --scenes 60 --groups 16      # about 10 minutes on one core
     python tools/toy_reward_check.py --novel_view                 # with the held-out-view terms: about 10 minutes
+    python tools/toy_reward_check.py --scenes 0 --model FOLDER --balance 20,1 50,1   # another base model's groups,
+                                                                  # and the total at other weights: about 4 minutes
 
 1. Pairs (ground truth): per fresh scene and camera word, the consistent video and its corrupted versions (each
    corruption of toyworld.CORRUPTIONS, and a camera that moves another way), all decoded by the toy VAE as
@@ -14,6 +16,9 @@ reward sees". Imports common, models, sample, reward, noise_warp, toyworld and t
    the terms, so a term moves the policy in proportion to that spread), and its within-group rank correlation with
    the judge's P(consistent) and agreement with the judge's camera verdict; and the judge's verdict on each
    group's best video by that term, beside each group's best by the judge itself (what any reward could pick).
+   --model takes the groups from another base model (a diffusers folder, for example one trained longer).
+--balance W_RECON,W_GEN ... adds the total at other weights of S_recon and R_gen (train.py's --w_recon, --w_gen),
+recombined from the same scores: how a balance would rank the rollouts, before a run trains with it.
 --novel_view adds two candidate terms that no reward uses: evaluate.py's held-out-view reconstruction (the even
 frames lifted, their Gaussians rendered at the odd frames' cameras), as S_nv = 1 - NV_LPIPS (S_recon's form on
 views no Gaussian was fitted to) and NV_PSNR.
@@ -227,8 +232,19 @@ def report(pair_rows, group_rows):
 
 
 def terms(row):
-    """The terms a row holds: TERMS, and NOVEL_VIEW's and META's when it was scored with them."""
-    return [t for t in (*TERMS, *NOVEL_VIEW, *META) if t in row]
+    """The terms a row holds: TERMS, NOVEL_VIEW's and META's when it was scored with them, and --balance's totals."""
+    return [t for t in (*TERMS, *NOVEL_VIEW, *META) if t in row] + [t for t in row if t.startswith("total at")]
+
+
+def rebalance(rows, balances):
+    """Add to each row (a dict of terms) the total reward.score gives at other weights, from the terms it gave at
+    the toy ones: R = w_3d (w_recon S_recon + S_traj) + w_gen R_gen (the toy world's w_meta is 0), one key per
+    (w_recon, w_gen) of `balances`. A look at how a balance ranks the same rollouts before a run trains with it."""
+    w_3d = reward.defaults("toy")["w_3d"]
+    for row in rows:
+        for w_recon, w_gen in balances:
+            row[f"total at w_recon={w_recon:g}, w_gen={w_gen:g}"] = (
+                w_3d * (w_recon * row["S_recon"] + row["S_traj"]) + w_gen * row["R_gen"])
 
 
 def pair_report(pair_rows):
@@ -283,12 +299,25 @@ def main(argv=None):
                    "ground-truth videos and score S_meta with it, as a candidate no reward uses (0: none)")
     p.add_argument("--meta_grader_steps", type=int, default=3000, help="its training steps (batches of 64)")
     p.add_argument("--meta_grader_seed", type=int, default=777, help="its videos' draws (a seed no build uses)")
+    p.add_argument("--model", default=models.SIZES["toy"]["model"], help="the base model whose rollouts make the "
+                   "groups (a diffusers folder; its VAE decodes the pairs too)")
+    p.add_argument("--balance", nargs="*", default=[], metavar="W_RECON,W_GEN", help="also report the total at these "
+                   "weights of S_recon and R_gen (train.py's --w_recon and --w_gen), from the same scores")
     args = common.parse_flags(p, argv)
+    balances = []
+    for text in args.balance:
+        try:
+            weights = tuple(float(w) for w in text.split(","))
+        except ValueError:
+            weights = ()
+        if len(weights) != 2 or min(weights) < 0:
+            raise SystemExit(f"error: --balance {text}: W_RECON,W_GEN, two weights >= 0 (for example 50,1)")
+        balances.append(weights)
     common.check_numbers(args, nonnegative=("scenes", "groups", "meta_grader"), positive=("meta_grader_steps",))
     if 0 < args.meta_grader < 16:
         raise SystemExit(f"--meta_grader={args.meta_grader}: at least 16 videos (an eighth is held out)")
     torch.set_num_threads(1)
-    wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
+    wan = models.load_wan(args.model, "cpu")
     critics, judge = models.load_reward_models("toy"), tw.load_judge()
     grader, grader_report = None, None
     if args.meta_grader:
@@ -297,6 +326,7 @@ def main(argv=None):
         print(f"[meta_grader] {json.dumps(grader_report)}", flush=True)
     pair_rows = pairs(wan, critics, judge, args.scenes, args.seed, args.novel_view, grader)
     group_rows = groups(wan, critics, judge, args.groups, novel_view=args.novel_view, grader=grader)
+    rebalance([row for r in pair_rows for row in r.values()] + [row for g in group_rows for row in g], balances)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(pairs=pair_rows, groups=group_rows, meta_grader=grader_report), f)
