@@ -524,6 +524,13 @@ def test_the_reward_check_reports_what_the_judge_says_of_each_groups_best():
     assert lines["| judge_p (the judge itself)"].endswith("| 100.0% / 0.800 / 100.0% |")
 
 
+@pytest.mark.parametrize("balance", ["50", "x,1", "1,-1", "50,1,2"])
+def test_the_reward_check_refuses_a_balance_that_is_not_two_weights(balance):
+    from tools.toy_reward_check import main
+    with pytest.raises(SystemExit, match=f"--balance {balance}: W_RECON,W_GEN"):
+        main(["--scenes=0", "--groups=0", "--balance", "20,1", balance])
+
+
 def test_the_meta_view_grader_learns_what_tells_its_labels_apart():
     """tools/toy_reward_check.py's meta-view grader on views whose label is plain to see (consistent: a bright top
     half, corrupted: a bright bottom half, which mirroring keeps; each corruption an eighth of the views): after 150
