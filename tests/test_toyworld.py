@@ -462,8 +462,8 @@ def test_the_judge_as_reward_refuses_what_it_sets_itself(flag):
 def test_the_judge_as_reward_takes_a_base_model_only_on_the_committed_vae(tmp_path):
     """--model: another base model is welcome (the committed one passes the check), but not one whose VAE differs by
     a single weight (the judge learnt the committed VAE's decodes), nor a folder that is not there."""
-    from tools.judge_as_reward import main, same_vae
-    same_vae(models.SIZES["toy"]["model"])
+    from tools.judge_as_reward import committed_vae, main, same_vae
+    same_vae(models.SIZES["toy"]["model"], committed_vae())
     wan = models.load_wan(models.SIZES["toy"]["model"], "cpu")
     with torch.no_grad():
         next(wan.vae.parameters()).view(-1)[0] += 1e-3

@@ -44,13 +44,18 @@ import toyworld  # noqa: E402
 SET_HERE = ("--size", "--reward")
 
 
-def same_vae(folder):
-    """Refuse a --model whose VAE is not the committed toy one: the judge learnt that VAE's decodes, and only those
-    (a base model trained further on the same latents keeps it)."""
+def committed_vae():
+    """The committed toy VAE, whose decodes are what the judge learnt."""
+    return models.load_wan(models.SIZES["toy"]["model"], "cpu", torch.float32).vae.eval().requires_grad_(False)
+
+
+def same_vae(folder, vae):
+    """Refuse a --model whose VAE is not `vae`, the committed toy one: the judge learnt that VAE's decodes, and only
+    those (a base model trained further on the same latents keeps it)."""
     if not os.path.isdir(folder):
         raise SystemExit(f"error: --model={folder}: no such folder")
     mine = models.load_wan(folder, "cpu", torch.float32).vae.state_dict()
-    committed = models.load_wan(models.SIZES["toy"]["model"], "cpu", torch.float32).vae.state_dict()
+    committed = vae.state_dict()
     if mine.keys() != committed.keys() or any(not torch.equal(mine[k], committed[k]) for k in mine):
         raise SystemExit(f"error: --model={folder}: its VAE is not the committed toy VAE, whose decodes are what the "
                          "judge learnt; train the base model on that VAE's latents")
@@ -102,9 +107,9 @@ def main(argv=None):
     model = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     model.add_argument("--model")
     folder = model.parse_known_args(argv)[0].model
+    vae = committed_vae()
     if folder is not None:
-        same_vae(folder)
-    vae = models.load_wan(models.SIZES["toy"]["model"], "cpu", torch.float32).vae.eval().requires_grad_(False)
+        same_vae(folder, vae)
     standins.latent_reward = judge_reward(vae, toyworld.load_judge())  # train.py looks it up on every call
     sys.argv = ["train.py", "--size=toy", "--reward=latent", *argv]
     runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
