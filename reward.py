@@ -479,6 +479,14 @@ def guard(reasons, what, fn, *args, failed=math.nan):
     return v
 
 
+def combine(terms, dynamic=False, *, w_3d, w_meta, w_recon, w_gen):
+    """The reward from its terms (tensors or floats; S_* already clipped to [0, 1]) -> (R_3D, total):
+    R_3D = w_meta S_meta + w_recon S_recon + S_traj and total = w_3d R_3D + w_gen R_gen (dynamic: total = R_gen).
+    score's last step, and what tools/toy_reward_check.py uses to recombine the same terms at other weights."""
+    r_3d = w_meta * terms["S_meta"] + w_recon * terms["S_recon"] + terms["S_traj"]
+    return r_3d, terms["R_gen"] if dynamic else w_3d * r_3d + w_gen * terms["R_gen"]
+
+
 def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=None, **settings):
     """videos (B, F, 3, H, W) in [0, 1]; prompts list[str]; paths: requested c2w (F, 4, 4) per video or None
     (no camera words); settings: any of SETTINGS and WEIGHTS, the rest as `defaults("small")` (the paper's); a term
@@ -542,7 +550,7 @@ def score(critics, videos, prompts, paths, dynamic=False, *, lifts=None, seen=No
     scores = {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
     for k in ("S_meta", "S_recon", "S_traj"):
         scores[k] = scores[k].clamp(0, 1)
-    scores["R_3D"] = s["w_meta"] * scores["S_meta"] + s["w_recon"] * scores["S_recon"] + scores["S_traj"]
-    scores["total"] = scores["R_gen"] if dynamic else s["w_3d"] * scores["R_3D"] + s["w_gen"] * scores["R_gen"]
+    weights = {w: s[w] for w in ("w_3d", "w_meta", "w_recon", "w_gen")}
+    scores["R_3D"], scores["total"] = combine(scores, dynamic, **weights)
     scores["bad"] = ~torch.isfinite(scores["total"])
     return scores, all_reasons

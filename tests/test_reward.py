@@ -143,6 +143,18 @@ def test_s_traj_values():
             S(bad, req, **kw)
 
 
+def test_combine_weighs_the_terms():
+    """R_3D = w_meta S_meta + w_recon S_recon + S_traj, total = w_3d R_3D + w_gen R_gen (dynamic: R_gen alone), on
+    floats worked by hand and on tensors."""
+    terms = dict(S_meta=0.1, S_recon=0.2, S_traj=0.3, R_gen=5.0)
+    r_3d, total = reward.combine(terms, w_3d=2.0, w_meta=3.0, w_recon=4.0, w_gen=0.5)
+    assert r_3d == pytest.approx(0.3 + 0.8 + 0.3) and total == pytest.approx(2 * 1.4 + 2.5)
+    assert reward.combine(terms, True, w_3d=2.0, w_meta=3.0, w_recon=4.0, w_gen=0.5)[1] == 5.0
+    batch = {k: torch.tensor([v, 2 * v]) for k, v in terms.items()}
+    _, total = reward.combine(batch, w_3d=1.0, w_meta=0.0, w_recon=1.0, w_gen=1.0)
+    assert torch.allclose(total, torch.tensor([5.5, 11.0]))
+
+
 def test_meta_camera_orbits_away_from_the_path():
     depth = torch.full((9, 8, 8), 4.0, dtype=torch.float64)
     for path, side in ((straight(direction=(1, 0, 0)), -1), (straight(direction=(-1, 0, 0)), 1)):

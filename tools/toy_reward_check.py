@@ -238,13 +238,14 @@ def terms(row):
 
 def rebalance(rows, balances):
     """Add to each row (a dict of terms) the total reward.score gives at other weights, from the terms it gave at
-    the toy ones: R = w_3d (w_recon S_recon + S_traj) + w_gen R_gen (the toy world's w_meta is 0), one key per
-    (w_recon, w_gen) of `balances`. A look at how a balance ranks the same rollouts before a run trains with it."""
-    w_3d = reward.defaults("toy")["w_3d"]
+    the toy ones (reward.combine: R = w_3d (w_recon S_recon + S_traj) + w_gen R_gen, the toy world's w_meta being
+    0), one key per (w_recon, w_gen) of `balances`. A look at how a balance ranks the same rollouts before a run
+    trains with it."""
+    toy = reward.defaults("toy")
     for row in rows:
         for w_recon, w_gen in balances:
-            row[f"total at w_recon={w_recon:g}, w_gen={w_gen:g}"] = (
-                w_3d * (w_recon * row["S_recon"] + row["S_traj"]) + w_gen * row["R_gen"])
+            _, row[f"total at w_recon={w_recon:g}, w_gen={w_gen:g}"] = reward.combine(
+                {"S_meta": 0.0, **row}, w_3d=toy["w_3d"], w_meta=toy["w_meta"], w_recon=w_recon, w_gen=w_gen)
 
 
 def pair_report(pair_rows):
